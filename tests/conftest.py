@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), a local Ray, tmp run dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from unifit.config import ModelConfig  # noqa: E402
+
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, seed=0)
+
+
+def tiny_model_config(model_type: str = "llama", **overrides: object) -> ModelConfig:
+    """A tiny random model of `model_type` (llama, mistral, qwen2) with the embedded SmolLM2 tokenizer."""
+    random_init = {"model_type": model_type, **TINY_SIZES, **overrides}
+    return ModelConfig(name=f"tiny_{model_type}", source="random", random_init=random_init, max_length=512)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Model cache shared across the session (and across runs: the GGUF conversion happens once)."""
+    path = Path(os.environ.get("UNIFIT_CACHE", Path.home() / ".cache" / "unifit"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg() -> ModelConfig:
+    return tiny_model_config("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_cfg: ModelConfig, cache_dir: Path):
+    from unifit.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_cfg, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_cfg: ModelConfig, cache_dir: Path):
+    from unifit.models import load_model
+
+    return load_model(tiny_model_cfg, cache_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One local Ray for the whole session (2 CPUs, small object store), isolated from any other cluster."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    (tmp / "ray").mkdir(exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False, _temp_dir=str(tmp / "ray"),
+                 log_to_driver=False)
+    yield
+    ray.shutdown()

