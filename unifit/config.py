@@ -116,6 +116,19 @@ class GenerateConfig:
     subconcept_prompt: str = "Please generate {n} sub-concepts for {concept} in the domain of {domain}. Reply with a numbered list, one concept per line, nothing else."
     leaf_prompt: str = "Please generate {q} questions for {leaf} ({path}) and provide answers. Use the format:\nQuestion 1: ...\nAnswer 1: ...\nQuestion 2: ...\nAnswer 2: ..."
     followup_prompt: str = "Based on the question \"{question}\", generate a new question that is highly likely to be asked next, and provide the answer. Use the format:\nQuestion: ...\nAnswer: ..."
+    dedup_shingle_words: int = 2  # word n-gram size of the MinHash shingles used for question dedup
+    json_mode: bool = True  # ask for JSON sub-concept lists where the backend supports structured output (openai, vllm); json_hint is then appended
+    json_hint: str = " Reply with a JSON object of the form {\"concepts\": [\"...\", \"...\"]}."
+    self_instruct_seeds: list[str] = field(default_factory=lambda: [  # seed tasks per scope ({scope}, {domain}); Wang et al. start from 175 human-written ones
+        "Explain what {scope} is and why it matters in {domain}.",
+        "What are the most common problems with {scope} in {domain}, and how are they solved?",
+        "Describe step by step how to set up {scope} correctly in {domain}.",
+    ])
+    self_instruct_prompt: str = "Here are some example tasks about {domain}:\n{examples}\nCome up with {n} new tasks about {domain} that are different from the examples. Reply with a numbered list, one task per line, nothing else."
+    self_instruct_examples: int = 8  # in-context tasks per prompt (Wang et al.: 6 seed + 2 machine-generated)
+    self_instruct_new_per_prompt: int = 4  # new instructions requested per prompt
+    self_instruct_rouge: float = 0.7  # reject an instruction whose ROUGE-L F1 with any kept one exceeds this (Wang et al.: 0.7)
+    self_instruct_max_rounds: int = 50  # stop bootstrapping after this many rounds even below target (model out of ideas)
 
     def __post_init__(self) -> None:
         _check(len(self.scopes) >= 1, "generate.scopes", "give at least one scope, e.g. generate.scopes=[Email,DNS]")
@@ -127,6 +140,10 @@ class GenerateConfig:
         _check(0 < self.dedup_threshold <= 1, "generate.dedup_threshold", "must be in (0, 1]")
         _check(self.min_answer_chars < self.max_answer_chars, "generate.min_answer_chars", "must be below generate.max_answer_chars")
         _check(self.shard_size >= 1, "generate.shard_size", "must be >= 1")
+        _check(self.dedup_shingle_words >= 1, "generate.dedup_shingle_words", "must be >= 1")
+        _check(self.self_instruct_examples >= 1 and self.self_instruct_new_per_prompt >= 1, "generate.self_instruct_examples",
+               "self_instruct_examples and self_instruct_new_per_prompt must be >= 1")
+        _check(0 < self.self_instruct_rouge <= 1, "generate.self_instruct_rouge", "must be in (0, 1]")
 
 
 @dataclass
@@ -187,6 +204,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # Ray Train restarts after a worker dies
     seed: int = 0
+    max_grad_norm: float = 1.0  # gradient clipping (DeepSpeed `gradient_clipping`)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -233,10 +251,37 @@ class EvaluateConfig:
     diversity_draws: int = 3
     diversity_sample_size: int = 4
     answer_max_new_tokens: int = 128
+    answer_repetition_penalty: float = 1.2  # greedy answers for every compared model; NEFTune's evaluation uses ~1.2
+    judge_max_new_tokens: int = 256  # room for a short justification before the [[i]] verdict
+    question_max_rounds: int = 5  # rounds of asking for new test questions (duplicates/unparseable replies are re-asked), then stop short
+    extra_models: list[ModelConfig] = field(default_factory=list)  # more models to compare besides the base model and cfg.variants
+    question_prompt: str = "Write one new question that a user might ask about {leaf} ({path}) in the domain of {domain}. Reply with the question only, without an answer."
+    judge_prompt: str = (
+        "You are a fair judge. Below are a question and {k} answers from different AI assistants. Choose the answer that is "
+        "the most helpful, accurate, relevant and detailed. The order of the answers and their length must not influence you."
+        "\n\n[Question]\n{question}\n\n{answers}\n\nExplain your choice in at most two sentences, then give your verdict "
+        "strictly in the form [[i]], where i is the number of the best answer (1 to {k})."
+    )
+    judge_retry_prompt: str = "Your reply has no verdict in the required form. Reply with only [[i]], where i is the number of the best answer (1 to {k})."
+    diversity_prompt: str = (
+        "Here are {n} instructions sampled from an instruction-tuning dataset for the {domain} domain:\n\n{instructions}\n\n"
+        "Rate this set of instructions from 1 to 10 on each of six dimensions: scope (breadth of the topics covered), "
+        "complexity (difficulty of the tasks), practicality (usefulness in real work), depth (expertise needed), "
+        "clarity (how well-posed they are), correlation (relevance to {domain}). Reply with only a JSON object such as "
+        '{{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
+    )
+    diversity_retry_prompt: str = 'Reply with only the JSON object with the six integer scores from 1 to 10, e.g. {{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
 
     def __post_init__(self) -> None:
         _check(self.num_test_questions >= 1, "evaluate.num_test_questions", "must be >= 1")
         _check(self.judge_max_retries >= 0, "evaluate.judge_max_retries", "must be >= 0")
+        _check(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be >= 1 (1000 for stable 95% intervals)")
+        _check(self.diversity_draws >= 1 and self.diversity_sample_size >= 1, "evaluate.diversity_draws",
+               "diversity_draws and diversity_sample_size must be >= 1")
+        _check(self.question_max_rounds >= 1, "evaluate.question_max_rounds", "must be >= 1")
+        for name in ("question_prompt", "judge_prompt", "diversity_prompt"):
+            text = getattr(self, name)
+            _check("{" in text, f"evaluate.{name}", "must keep its {placeholders} (see the default in unifit/config.py)")
 
 
 @dataclass
@@ -263,6 +308,7 @@ class UnifitConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # subset to run, in pipeline order
     model: ModelConfig = field(default_factory=ModelConfig)
     judge: Optional[ModelConfig] = None  # None = judge with `model` (smoke test only)
+    judge_backend: Optional[BackendConfig] = None  # None = same as `backend` (e.g. openai for GPT-4 while generating with vllm)
     backend: BackendConfig = field(default_factory=BackendConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -1,0 +1,77 @@
+"""Every shipped experiment composes and validates; bad values fail with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from unifit.config import ConfigError, UnifitConfig, from_container, register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_config(overrides: list[str]) -> UnifitConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        raw = compose(config_name="config", overrides=overrides)
+    return from_container(OmegaConf.to_container(raw, resolve=True))
+
+
+def test_default_is_the_cpu_demo() -> None:
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.backend.name, cfg.cluster.name) == ("smollm2_135m", "hf", "local")
+    assert cfg.model.source == "embedded"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert isinstance(cfg, UnifitConfig)
+    assert cfg.run_dir.endswith(cfg.name)
+
+
+def test_expected_experiments_ship() -> None:
+    assert {"smoke", "demo", "cyber_500k", "select_only"} <= set(EXPERIMENTS)
+
+
+def test_cyber_500k_is_the_papers_setting() -> None:
+    cfg = compose_config(["+experiment=cyber_500k"])
+    g = cfg.generate
+    leaves = len(g.scopes) * g.n_subconcepts**g.depth
+    assert g.scopes == ["Email", "Routing", "CDN", "DNS", "PKI"]
+    assert 400_000 <= leaves * g.questions_per_leaf <= 600_000
+    assert cfg.select.ratio == 0.06
+    assert {v.name for v in cfg.variants} == {"pithy", "all", "pithy_ne", "all_ne"}
+
+
+@pytest.mark.parametrize("model", ["llama2_7b", "mistral_7b", "baichuan2_7b", "qwen_7b", "tiny_random"])
+def test_model_configs(model: str) -> None:
+    cfg = compose_config([f"model={model}"])
+    assert cfg.model.name == model
+    assert cfg.model.trust_remote_code == (model in ("baichuan2_7b", "qwen_7b"))
+
+
+def test_demo_experiment_spells_out_the_default() -> None:
+    default, demo = compose_config([]), compose_config(["+experiment=demo"])
+    assert default == demo
+
+
+@pytest.mark.parametrize("override, field", [
+    ("select.ratio=1.5", "select.ratio"),
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("generate.depth=-1", "generate.depth"),
+    ("backend.api_key_env=sk-live-123", "backend.api_key_env"),
+    ("stages=[generate,bogus]", "stages"),
+])
+def test_bad_values_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        compose_config([override])
+
+
+def test_unknown_key_fails_at_composition() -> None:
+    with pytest.raises(Exception, match="ratoi"):
+        compose_config(["select.ratoi=0.1"])

@@ -1,0 +1,105 @@
+"""Stage scheduling: finished stages are skipped, a changed setting reruns only what depends on it,
+an interrupted stage keeps its partial shards, and stale outputs are removed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from unifit import pipeline
+from unifit.config import STAGES, SelectConfig, UnifitConfig, WandbConfig
+from unifit.stage import StageContext, UserError
+
+
+class Recorder:
+    """Stage functions that write a shard per call and remember which stages ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail_in: str | None = None
+
+    def function(self, stage: str) -> Callable[[StageContext], dict[str, Any]]:
+        def run(ctx: StageContext) -> dict[str, Any]:
+            self.calls.append(stage)
+            shards = sorted(ctx.out_dir.glob("shard-*.txt"))
+            (ctx.out_dir / f"shard-{len(shards)}.txt").write_text(stage)
+            if self.fail_in == stage:
+                self.fail_in = None
+                raise KeyboardInterrupt("killed mid-stage")
+            return {"shards": len(shards) + 1}
+
+        return run
+
+
+@pytest.fixture()
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    rec = Recorder()
+    monkeypatch.setattr(pipeline, "_stage_function", rec.function)
+    return rec
+
+
+def make_cfg(run_dir: Path, **overrides: Any) -> UnifitConfig:
+    return UnifitConfig(run_dir=str(run_dir), wandb=WandbConfig(mode="disabled"), **overrides)
+
+
+def test_rerun_skips_finished_stages(tmp_path: Path, recorder: Recorder) -> None:
+    pipeline.run(make_cfg(tmp_path))
+    assert recorder.calls == list(STAGES)
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings["stages"]) == set(STAGES)
+    assert all(timings["stages"][s]["seconds"] >= 0 for s in STAGES)
+    recorder.calls.clear()
+    pipeline.run(make_cfg(tmp_path))
+    assert recorder.calls == []
+
+
+def test_changed_setting_reruns_only_dependents(tmp_path: Path, recorder: Recorder) -> None:
+    pipeline.run(make_cfg(tmp_path))
+    recorder.calls.clear()
+    pipeline.run(make_cfg(tmp_path, select=SelectConfig(ratio=0.1)))
+    assert recorder.calls == ["select", "finetune", "evaluate", "report"]
+    assert (tmp_path / "select" / "shard-0.txt").exists() and not (tmp_path / "select" / "shard-1.txt").exists()
+
+
+def test_interrupted_stage_resumes_from_its_shards(tmp_path: Path, recorder: Recorder) -> None:
+    recorder.fail_in = "score"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(make_cfg(tmp_path))
+    assert recorder.calls == ["generate", "sample", "train_scorer", "score"]
+    assert not (tmp_path / "score" / "manifest.json").exists()
+    recorder.calls.clear()
+    pipeline.run(make_cfg(tmp_path))
+    assert recorder.calls == ["score", "select", "finetune", "evaluate", "report"]
+    manifest = json.loads((tmp_path / "score" / "manifest.json").read_text())
+    assert manifest["metrics"] == {"shards": 2}  # the shard written before the kill was kept for the stage to reuse
+
+
+def test_stale_partial_output_is_removed(tmp_path: Path, recorder: Recorder) -> None:
+    recorder.fail_in = "select"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(make_cfg(tmp_path))
+    pipeline.run(make_cfg(tmp_path, select=SelectConfig(ratio=0.2)))
+    manifest = json.loads((tmp_path / "select" / "manifest.json").read_text())
+    assert manifest["metrics"] == {"shards": 1}
+
+
+def test_subset_needs_finished_upstream(tmp_path: Path, recorder: Recorder) -> None:
+    with pytest.raises(UserError, match="stages=\\[generate,select\\]"):
+        pipeline.run(make_cfg(tmp_path, stages=["select"]))
+    pipeline.run(make_cfg(tmp_path))
+    recorder.calls.clear()
+    with pytest.raises(UserError, match="`report` needs the output of `evaluate`"):  # evaluate would be stale
+        pipeline.run(make_cfg(tmp_path, stages=["select", "report"], select=SelectConfig(ratio=0.5)))
+    pipeline.run(make_cfg(tmp_path, stages=["select", "finetune"], select=SelectConfig(ratio=0.5)))
+    assert recorder.calls == ["select", "finetune"]
+
+
+def test_fingerprints_ignore_serving_details() -> None:
+    base = pipeline.stage_fingerprints(UnifitConfig())
+    tweaked = UnifitConfig()
+    tweaked.backend.batch_size = 99
+    tweaked.cluster.generation_actors = 7
+    assert pipeline.stage_fingerprints(tweaked) == base

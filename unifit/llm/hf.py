@@ -1,0 +1,63 @@
+"""Transformers backend: batched, left-padded chat generation on CPU or GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from unifit.config import ModelConfig
+from unifit.llm.base import Completion, Conversation, GenerationParams
+
+
+class HFChatModel:
+    """One model in this process. Batches are left-padded so every prompt ends where generation starts."""
+
+    def __init__(self, model_cfg: ModelConfig, cache_dir: str | Path, batch_size: int = 8, device: str | None = None) -> None:
+        import torch
+
+        from unifit.models import load_model, load_tokenizer
+
+        self.name = model_cfg.name
+        self.batch_size = batch_size
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(model_cfg, cache_dir)
+        self.tokenizer.padding_side = "left"
+        self.model = load_model(model_cfg, cache_dir, device=self.device).eval()
+        self._stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        results: list[Completion] = []
+        for start in range(0, len(conversations), self.batch_size):
+            results.extend(self._complete_batch(conversations[start : start + self.batch_size], params))
+        return results
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
+        return [completion.text for completion in self.complete(conversations, params)]
+
+    def _complete_batch(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        import torch
+
+        prompts = [self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling = params.temperature > 0
+        torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **encoded,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=sampling,
+                temperature=params.temperature if sampling else None,
+                top_p=params.top_p if sampling else None,
+                top_k=None,
+                repetition_penalty=params.repetition_penalty,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(self._stop_ids),
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+        completions = []
+        for tokens in new_tokens:
+            stop_at = next((i for i, token in enumerate(tokens) if token in self._stop_ids), None)
+            kept = tokens if stop_at is None else tokens[:stop_at]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            completions.append(Completion(text, "length" if stop_at is None else "stop", len(kept)))
+        return completions

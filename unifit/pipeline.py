@@ -1,0 +1,172 @@
+"""Runs the stages in order, each into `<run_dir>/<stage>/`, skipping those whose inputs have not changed.
+
+A stage's fingerprint hashes the config sections it reads and the fingerprints of the stages it reads
+from, so changing `select.ratio` reruns select → finetune → evaluate → report and nothing upstream.
+A finished stage ends with `manifest.json`; an interrupted one keeps its partial outputs (shards) for
+the stage to resume from, unless its fingerprint changed, in which case they are stale and removed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from unifit.config import STAGES, UnifitConfig, to_container
+from unifit.fingerprint import fingerprint
+from unifit.stage import StageContext, UserError, read_json, write_json
+
+log = logging.getLogger("unifit")
+
+# stage -> (config sections it reads, upstream stages whose outputs it reads, "module:function")
+STAGE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "generate": (("domain", "seed", "model", "backend", "generate", "data"), (), "unifit.generation.stage:run"),
+    "sample": (("sample",), ("generate",), "unifit.selection.stage:run_sample"),
+    "train_scorer": (("model", "train", "deepspeed"), ("sample",), "unifit.training.stage:run_scorer"),
+    "score": (("model", "select.max_tokens_per_batch"), ("generate", "train_scorer"), "unifit.selection.stage:run_score"),
+    "select": (("select",), ("generate", "score"), "unifit.selection.stage:run_select"),
+    "finetune": (("model", "train", "deepspeed", "variants"), ("generate", "select"), "unifit.training.stage:run_finetune"),
+    "evaluate": (("model", "judge", "backend", "judge_backend", "evaluate", "variants", "seed"), ("generate", "finetune"),
+                 "unifit.evaluation.stage:run"),
+    "report": ((), ("generate", "select", "evaluate"), "unifit.report.stage:run"),
+}
+# Serving details that do not change what a stage produces are left out of fingerprints.
+NOT_FINGERPRINTED = {"batch_size", "cache", "max_retries", "timeout_s", "url", "api_key_env", "gpu_memory_utilization"}
+MANIFEST = "manifest.json"
+IN_PROGRESS = ".in_progress.json"
+
+
+def _section(cfg: UnifitConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    value = to_container(value)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in NOT_FINGERPRINTED}
+    return value
+
+
+def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
+    """Fingerprint of every stage, in pipeline order (upstream fingerprints feed downstream ones)."""
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        sections, upstream, _ = STAGE_SPECS[stage]
+        prints[stage] = fingerprint({
+            "stage": stage, "config": {s: _section(cfg, s) for s in sections},
+            "upstream": {u: prints[u] for u in upstream},
+        })
+    return prints
+
+
+def _stage_function(stage: str) -> Callable[[StageContext], dict[str, Any]]:
+    module_name, function_name = STAGE_SPECS[stage][2].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+class Tracker:
+    """W&B for the driver (offline by default). Secrets never enter: the config holds env var names only."""
+
+    def __init__(self, cfg: UnifitConfig, run_dir: Path) -> None:
+        self.run = None
+        if cfg.wandb.mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
+                              dir=str(run_dir), name=cfg.name, group=cfg.name, job_type="pipeline",
+                              config=to_container(cfg), reinit="finish_previous")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _setup_logging(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "unifit.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _check_upstream(cfg: UnifitConfig, run_dir: Path, prints: dict[str, str]) -> None:
+    """A requested stage whose inputs are neither finished nor requested cannot run: say which to add."""
+    for stage in cfg.stages:
+        for upstream in STAGE_SPECS[stage][1]:
+            if upstream in cfg.stages:
+                continue
+            manifest = run_dir / upstream / MANIFEST
+            if not manifest.exists() or read_json(manifest).get("fingerprint") != prints[upstream]:
+                raise UserError(f"stage `{stage}` needs the output of `{upstream}`, which is missing or out of date in "
+                                f"{run_dir}; add it: stages=[{upstream},{stage}]")
+
+
+def run(cfg: UnifitConfig) -> Path:
+    """Run the configured stages; return the run directory."""
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir)
+    write_json(run_dir / "config.json", to_container(cfg))
+    prints = stage_fingerprints(cfg)
+    _check_upstream(cfg, run_dir, prints)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, Any] = read_json(timings_path) if timings_path.exists() else {"stages": {}}
+    tracker = Tracker(cfg, run_dir)
+    try:
+        for stage in STAGES:
+            if stage not in cfg.stages:
+                continue
+            stage_dir = run_dir / stage
+            manifest_path = stage_dir / MANIFEST
+            if manifest_path.exists() and read_json(manifest_path).get("fingerprint") == prints[stage]:
+                log.info("[%s] up to date, skipped", stage)
+                continue
+            progress_path = stage_dir / IN_PROGRESS
+            if stage_dir.exists() and not (progress_path.exists() and read_json(progress_path).get("fingerprint") == prints[stage]):
+                log.info("[%s] inputs changed: removing stale outputs", stage)
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json(progress_path, {"fingerprint": prints[stage]})
+            log.info("[%s] running", stage)
+            started = time.time()
+            context = StageContext(cfg, run_dir, stage, log_metrics=lambda m, s=stage: tracker.log({f"{s}/{k}": v for k, v in m.items()}))
+            metrics = _stage_function(stage)(context) or {}
+            seconds = time.time() - started
+            timings["stages"][stage] = {"seconds": seconds, "metrics": metrics}
+            write_json(timings_path, timings)
+            write_json(manifest_path, {"stage": stage, "fingerprint": prints[stage], "seconds": seconds,
+                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics})
+            progress_path.unlink()
+            tracker.log({f"{stage}/seconds": seconds, **{f"{stage}/{k}": v for k, v in metrics.items()}})
+            log.info("[%s] done in %.1fs: %s", stage, seconds, metrics)
+    finally:
+        tracker.finish()
+    return run_dir
+
+
+def summarize(run_dir: Path) -> str:
+    report = run_dir / "report" / "report.html"
+    lines = [f"run directory: {run_dir}"]
+    if report.exists():
+        lines.append(f"report:        {report}")
+    return "\n".join(lines)
+
+
+def main_from_config(cfg: UnifitConfig) -> int:
+    """Run and print where results are; user errors become one clear line and exit code 2."""
+    try:
+        run_dir = run(cfg)
+    except UserError as error:
+        print(f"unifit: error: {error}", file=sys.stderr)
+        return 2
+    print(summarize(run_dir))
+    return 0
+
