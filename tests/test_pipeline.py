@@ -103,3 +103,14 @@ def test_fingerprints_ignore_serving_details() -> None:
     tweaked.backend.batch_size = 99
     tweaked.cluster.generation_actors = 7
     assert pipeline.stage_fingerprints(tweaked) == base
+
+
+def test_shared_dir_computes_common_stages_once(tmp_path: Path, recorder: Recorder) -> None:
+    shared = str(tmp_path / "shared")
+    pipeline.run(make_cfg(tmp_path / "ratio_a", shared_dir=shared, select=SelectConfig(ratio=0.02)))
+    recorder.calls.clear()
+    pipeline.run(make_cfg(tmp_path / "ratio_b", shared_dir=shared, select=SelectConfig(ratio=0.04)))
+    assert recorder.calls == ["select", "finetune", "evaluate", "report"]
+    assert (tmp_path / "ratio_b" / "generate").resolve() == (tmp_path / "ratio_a" / "generate").resolve()
+    timings = json.loads((tmp_path / "ratio_b" / "timings.json").read_text())
+    assert timings["stages"]["score"]["shared"] is True and timings["stages"]["score"]["seconds"] >= 0

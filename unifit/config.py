@@ -110,7 +110,7 @@ class GenerateConfig:
     min_answer_chars: int = 20
     max_answer_chars: int = 4000
     dedup_threshold: float = 0.8  # MinHash LSH Jaccard threshold for near-duplicate questions
-    shard_size: int = 16  # rows per parquet shard (the unit of resume)
+    shard_size: int = 16  # leaves per generation shard (the unit of resume); rows per shard for self-instruct/imported data
     self_instruct: bool = True  # also build the Self-Instruct baseline with the same budget
     self_instruct_target: int = 0  # 0 = as many instances as the concept tree produced
     subconcept_prompt: str = "Please generate {n} sub-concepts for {concept} in the domain of {domain}. Reply with a numbered list, one concept per line, nothing else."
@@ -178,12 +178,14 @@ class SelectConfig:
     max_ifd: float = 1.0  # drop ifd >= max_ifd (the instruction does not help)
     min_per_leaf: int = 0  # quota so no branch of the tree vanishes
     max_tokens_per_batch: int = 4096  # IFD scorer token budget per forward
+    score_shard_size: int = 256  # instances per IFD score shard (the unit of resume; one Ray Data row)
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio <= 1, "select.ratio", f"got {self.ratio}; a fraction in (0, 1], e.g. 0.06 for 6%")
         _check(self.max_ifd > 0, "select.max_ifd", "must be > 0")
         _check(self.min_per_leaf >= 0, "select.min_per_leaf", "must be >= 0")
         _check(self.max_tokens_per_batch >= 64, "select.max_tokens_per_batch", "must be >= 64")
+        _check(self.score_shard_size >= 1, "select.score_shard_size", "must be >= 1")
 
 
 @dataclass
@@ -304,6 +306,7 @@ class UnifitConfig:
     name: str = "demo"
     domain: str = "cybersecurity"
     run_dir: str = "runs/demo"
+    shared_dir: Optional[str] = None  # content-addressed stage store shared by sweep runs: a stage whose fingerprint is already there is linked, not rerun
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # subset to run, in pipeline order
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -8,13 +8,15 @@ the stage to resume from, unless its fingerprint changed, in which case they are
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from unifit.config import STAGES, UnifitConfig, to_container
 from unifit.fingerprint import fingerprint
@@ -89,6 +91,26 @@ class Tracker:
             self.run.finish()
 
 
+@contextlib.contextmanager
+def _stage_location(cfg: UnifitConfig, run_dir: Path, stage: str, stage_print: str) -> Iterator[Path]:
+    """`<run_dir>/<stage>`; with `shared_dir`, a link to `<shared_dir>/<stage>/<fingerprint>` held under a lock,
+    so sweep runs that agree on a stage's inputs compute it once (the others wait, then skip it)."""
+    link = run_dir / stage
+    if not cfg.shared_dir:
+        yield link
+        return
+    target = Path(cfg.shared_dir).resolve() / stage / stage_print[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(target, target_is_directory=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield link
+
+
 def _setup_logging(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "unifit.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -109,6 +131,37 @@ def _check_upstream(cfg: UnifitConfig, run_dir: Path, prints: dict[str, str]) ->
                                 f"{run_dir}; add it: stages=[{upstream},{stage}]")
 
 
+def _run_stage(cfg: UnifitConfig, run_dir: Path, stage: str, stage_dir: Path, stage_print: str,
+               timings: dict[str, Any], tracker: Tracker) -> None:
+    manifest_path = stage_dir / MANIFEST
+    if manifest_path.exists() and read_json(manifest_path).get("fingerprint") == stage_print:
+        manifest = read_json(manifest_path)
+        log.info("[%s] up to date, skipped", stage)
+        if stage not in timings["stages"]:  # computed by another run sharing the stage: its measured time still counts
+            timings["stages"][stage] = {"seconds": manifest["seconds"], "metrics": manifest["metrics"], "shared": True}
+            write_json(run_dir / "timings.json", timings)
+        return
+    progress_path = stage_dir / IN_PROGRESS
+    if stage_dir.exists() and not (progress_path.exists() and read_json(progress_path).get("fingerprint") == stage_print):
+        log.info("[%s] inputs changed: removing stale outputs", stage)
+        for child in stage_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json(progress_path, {"fingerprint": stage_print})
+    log.info("[%s] running", stage)
+    started = time.time()
+    context = StageContext(cfg, run_dir, stage, log_metrics=lambda m: tracker.log({f"{stage}/{k}": v for k, v in m.items()}))
+    metrics = _stage_function(stage)(context) or {}
+    seconds = time.time() - started
+    timings["stages"][stage] = {"seconds": seconds, "metrics": metrics}
+    write_json(run_dir / "timings.json", timings)
+    write_json(manifest_path, {"stage": stage, "fingerprint": stage_print, "seconds": seconds,
+                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics})
+    progress_path.unlink()
+    tracker.log({f"{stage}/seconds": seconds, **{f"{stage}/{k}": v for k, v in metrics.items()}})
+    log.info("[%s] done in %.1fs: %s", stage, seconds, metrics)
+
+
 def run(cfg: UnifitConfig) -> Path:
     """Run the configured stages; return the run directory."""
     run_dir = Path(cfg.run_dir).resolve()
@@ -124,29 +177,8 @@ def run(cfg: UnifitConfig) -> Path:
         for stage in STAGES:
             if stage not in cfg.stages:
                 continue
-            stage_dir = run_dir / stage
-            manifest_path = stage_dir / MANIFEST
-            if manifest_path.exists() and read_json(manifest_path).get("fingerprint") == prints[stage]:
-                log.info("[%s] up to date, skipped", stage)
-                continue
-            progress_path = stage_dir / IN_PROGRESS
-            if stage_dir.exists() and not (progress_path.exists() and read_json(progress_path).get("fingerprint") == prints[stage]):
-                log.info("[%s] inputs changed: removing stale outputs", stage)
-                shutil.rmtree(stage_dir)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            write_json(progress_path, {"fingerprint": prints[stage]})
-            log.info("[%s] running", stage)
-            started = time.time()
-            context = StageContext(cfg, run_dir, stage, log_metrics=lambda m, s=stage: tracker.log({f"{s}/{k}": v for k, v in m.items()}))
-            metrics = _stage_function(stage)(context) or {}
-            seconds = time.time() - started
-            timings["stages"][stage] = {"seconds": seconds, "metrics": metrics}
-            write_json(timings_path, timings)
-            write_json(manifest_path, {"stage": stage, "fingerprint": prints[stage], "seconds": seconds,
-                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics})
-            progress_path.unlink()
-            tracker.log({f"{stage}/seconds": seconds, **{f"{stage}/{k}": v for k, v in metrics.items()}})
-            log.info("[%s] done in %.1fs: %s", stage, seconds, metrics)
+            with _stage_location(cfg, run_dir, stage, prints[stage]) as stage_dir:
+                _run_stage(cfg, run_dir, stage, stage_dir, prints[stage], timings, tracker)
     finally:
         tracker.finish()
     return run_dir
