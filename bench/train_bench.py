@@ -1,0 +1,215 @@
+"""Training throughput: non-pad tokens/s on the same variable-length conversations.
+
+CPU (default): three runs, one epoch each over identical data with the same micro batch, one worker on both cores:
+  1. UNIFIT SFT (Ray Train + DeepSpeed ZeRO-2), packed rows        -> packed vs padded (goal >= 1.5x)
+  2. UNIFIT SFT (Ray Train + DeepSpeed ZeRO-2), padded micro-batches
+  3. a plain Hugging Face `Trainer`, padded micro-batches          -> 2 vs 3: Ray/DeepSpeed overhead (goal >= 1.0x)
+
+    python bench/train_bench.py                      # tiny random Llama (conf/model/tiny_random.yaml), < 4 min on 2 cores
+    python bench/train_bench.py --model smollm2_135m  # the embedded 135M model (slower)
+
+GPU (no Ray: the lent GPU machine has no Ray wheel): one process, a 7B-architecture model with random weights
+in bf16 (no download), DeepSpeed ZeRO-2 with the same DeepSpeed config, collation and packing as the workers;
+prints tokens/s and MFU = 6 * N * tokens/s / peak bf16 FLOP/s.
+
+    python bench/train_bench.py --device cuda --arch llama7b [--peak-tflops 989] [--offload-optimizer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("dns resolver record zone mail server certificate chain route prefix cache edge origin key signature "
+         "protocol packet header policy domain query answer trust anchor relay filter").split()
+
+
+def conversations(count: int, seed: int) -> list[dict[str, Any]]:
+    """Variable-length single-turn chats (answers 10-300 words, long-tailed): where padding wastes most."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30)))
+        answer_words = int(10 * (30 ** rng.random()))  # log-uniform 10..300
+        answer = " ".join(rng.choice(WORDS) for _ in range(answer_words))
+        rows.append({"id": str(index), "messages": [{"role": "user", "content": f"{index}: {question}?"},
+                                                    {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def model_config(name: str) -> Any:
+    import yaml
+
+    from unifit.config import ModelConfig
+
+    return ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+
+
+def run_unifit(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, packing: bool, out: Path) -> dict[str, Any]:
+    from unifit.config import ClusterConfig, DeepSpeedConfig, TrainConfig, UnifitConfig, WandbConfig
+    from unifit.training.sft import run_sft
+
+    cfg = UnifitConfig(
+        model=model_cfg, deepspeed=DeepSpeedConfig(zero_stage=2), wandb=WandbConfig(mode="disabled"),
+        cluster=ClusterConfig(train_workers=1, num_cpus=args.threads, cpus_per_actor=args.threads, object_store_memory_gb=1),
+        train=TrainConfig(epochs=1.0, global_batch_size=args.batch, micro_batch_size=args.batch,
+                          learning_rate=1e-4, warmup_ratio=0.0, packing=packing, checkpoint_every=10**6, max_failures=0),
+    )
+    metrics = run_sft(cfg, instances, out, neftune_alpha=0.0)
+    return {"tokens_per_second": metrics["tokens_per_second"], "tokens": metrics["tokens"],
+            "loop_seconds": metrics["loop_seconds"], "train_seconds": metrics["train_seconds"], "rows": metrics["rows"]}
+
+
+def run_hf_trainer(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The baseline: HF `Trainer`, same tokenization, batch size and data (one epoch, padded)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from unifit.models import load_model, load_tokenizer
+    from unifit.training.data import collate, encode_instances, shuffled
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(model_cfg, model_cfg_cache())
+    examples, _ = encode_instances(tokenizer, instances, model_cfg.max_length)
+    rows = shuffled(examples, seed=0)
+    counted = {"tokens": 0}
+
+    def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        collated = collate(batch, tokenizer.pad_token_id, packed=False)
+        counted["tokens"] += int(collated["attention_mask"].sum())
+        return {"input_ids": collated["input_ids"], "attention_mask": collated["attention_mask"], "labels": collated["labels"]}
+
+    model = load_model(model_cfg, model_cfg_cache())
+    training_args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args.batch, num_train_epochs=1, learning_rate=1e-4,
+        lr_scheduler_type="cosine", optim="adamw_torch", report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, data_seed=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_second": counted["tokens"] / seconds, "tokens": counted["tokens"], "loop_seconds": seconds}
+
+
+def model_cfg_cache() -> str:
+    from unifit.config import UnifitConfig
+
+    return UnifitConfig().cache_dir
+
+
+def cpu_bench(args: argparse.Namespace) -> None:
+    from unifit.raycluster import ensure_ray
+    from unifit.config import ClusterConfig
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model_cfg = model_config(args.model)
+    model_cfg.max_length = args.max_length
+    instances = conversations(args.conversations, seed=0)
+    with tempfile.TemporaryDirectory(prefix="unifit-train-bench-") as tmp:
+        ensure_ray(ClusterConfig(num_cpus=args.threads, object_store_memory_gb=1))
+        results = {
+            "unifit_packed": run_unifit(model_cfg, instances, args, True, Path(tmp) / "packed"),
+            "unifit_padded": run_unifit(model_cfg, instances, args, False, Path(tmp) / "padded"),
+            "hf_trainer_padded": run_hf_trainer(model_cfg, instances, args, Path(tmp) / "hf"),
+        }
+    packed, padded, hf = (results[k]["tokens_per_second"] for k in ("unifit_packed", "unifit_padded", "hf_trainer_padded"))
+    report = {"model": args.model, "conversations": args.conversations, "epochs": 1, "micro_batch": args.batch,
+              "max_length": args.max_length, "threads": args.threads, "runs": results,
+              "packed_vs_padded": packed / padded, "unifit_padded_vs_hf_trainer": padded / hf, "unifit_packed_vs_hf_trainer": packed / hf}
+    print(json.dumps(report, indent=2))
+    print(f"\npacked vs padded (same Ray+DeepSpeed path): {packed / padded:.2f}x   (goal >= 1.5x)")
+    print(f"Ray+DeepSpeed padded vs HF Trainer padded: {padded / hf:.2f}x   (goal >= 1.0x)")
+    print(f"Ray+DeepSpeed packed vs HF Trainer padded: {packed / hf:.2f}x")
+
+
+def gpu_bench(args: argparse.Namespace) -> None:
+    """7B-architecture random-init bf16 model, DeepSpeed ZeRO-2, packed rows of max_length tokens."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from unifit.config import DeepSpeedConfig, TrainConfig
+    from unifit.training.data import collate, model_inputs
+    from unifit.training.sft import _flash_attn_available, deepspeed_config
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl")
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    params = sum(p.numel() for p in model.parameters())
+    train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, learning_rate=1e-5)
+    ds_config = deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=args.offload_optimizer), train, 1, bf16=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    generator = random.Random(0)
+    def packed_batch() -> dict[str, Any]:
+        rows = []
+        for _ in range(args.batch):
+            ids, positions = [], []
+            while len(ids) < args.max_length:
+                size = min(generator.randint(64, 1024), args.max_length - len(ids))
+                ids.extend(generator.randrange(32000) for _ in range(size))
+                positions.extend(range(size))
+            rows.append({"input_ids": ids, "labels": ids, "position_ids": positions})
+        return collate(rows, 0, packed=True, mask_mode="position_ids" if attn == "flash_attention_2" else "4d", dtype=torch.bfloat16)
+
+    engine.train()
+    tokens, seconds = 0, 0.0
+    for step in range(args.warmup + args.steps):
+        batch = packed_batch()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = engine(**model_inputs(batch, "cuda")).loss
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            seconds += time.perf_counter() - start
+            tokens += int(batch["attention_mask"].sum())
+    tokens_per_second = tokens / seconds
+    mfu = 6 * params * tokens_per_second / (args.peak_tflops * 1e12)
+    print(json.dumps({"arch": args.arch, "params": params, "attn": attn, "micro_batch": args.batch, "seq_len": args.max_length,
+                      "offload_optimizer": args.offload_optimizer, "tokens_per_second": tokens_per_second, "mfu": mfu,
+                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name()}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default="tiny_random", help="conf/model/<name>.yaml for the CPU runs")
+    parser.add_argument("--arch", choices=["llama7b"], default="llama7b", help="GPU: the architecture built from its config")
+    parser.add_argument("--conversations", type=int, default=48, help="CPU: one epoch over them per run")
+    parser.add_argument("--steps", type=int, default=10, help="GPU: timed steps")
+    parser.add_argument("--batch", type=int, default=4, help="micro batch = global batch (one worker, no accumulation)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="GPU: untimed steps")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--offload-optimizer", action="store_true", help="GPU: ZeRO-2 optimizer state in CPU memory (7B AdamW on one 80 GB GPU)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.device == "cuda":
+        gpu_bench(args)
+    else:
+        cpu_bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Test questions (parsing, dedup against training data) and the evaluate stage on a hand-built run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from eval_scripted import picks_longest
+
+from unifit.config import EvaluateConfig, ModelConfig, UnifitConfig, VariantConfig
+from unifit.evaluation import stage as evaluation_stage
+from unifit.evaluation.questions import generate_test_questions, parse_question, training_index
+from unifit.generation.tree import Node, Tree, node_id
+from unifit.llm.base import Completion, Conversation, GenerationParams
+from unifit.records import Instance, read_parquet, write_instances
+from unifit.stage import StageContext
+
+TRAINING = "How does SPF stop attackers from spoofing the envelope sender of an email message?"
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("Question: What is DMARC alignment?", "What is DMARC alignment?"),
+    ("**Question 1:** How do MX records fail over?\nAnswer 1: They use priorities.", "How do MX records fail over?"),
+    ("1. Why sign zones with DNSSEC?", "Why sign zones with DNSSEC?"),
+    ("What is the role of DNSSEC? It is used for signing. For example, ...", "What is the role of DNSSEC?"),
+    ("Describe how DKIM keys are rotated.", "Describe how DKIM keys are rotated."),
+    ('"What does a CDN edge cache?"', "What does a CDN edge cache?"),
+    ("", None),
+    ("Question: ???", None),
+])
+def test_parse_question(reply: str, expected: str | None) -> None:
+    assert parse_question(reply) == expected
+
+
+def _tree(domain: str = "cybersecurity") -> Tree:
+    nodes: dict[str, Node] = {}
+
+    def add(path: list[str], children: list[str]) -> None:
+        nodes[node_id(path)] = Node(path[-1], path, node_id(path[:-1]) if len(path) > 1 else None,
+                                    [node_id(path + [c]) for c in children], "expanded" if children else "leaf")
+
+    add([domain], ["Email", "DNS"])
+    add([domain, "Email"], ["SPF", "DMARC"])
+    add([domain, "DNS"], ["DNSSEC"])
+    for path in ([domain, "Email", "SPF"], [domain, "Email", "DMARC"], [domain, "DNS", "DNSSEC"]):
+        add(path, [])
+    return Tree(domain, nodes, {"leaves": 3})
+
+
+class ScriptedGenerator:
+    """Answers the question prompt per leaf; the SPF leaf first proposes a near-copy of a training question."""
+
+    name = "scripted-generator"
+
+    def __init__(self) -> None:
+        self.calls: list[GenerationParams] = []
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
+        self.calls.append(params)
+        replies = []
+        for conv in conversations:
+            prompt = conv[0]["content"]
+            if "Write one new question" in prompt:
+                leaf = prompt.split("about ")[1].split(" (")[0]
+                if leaf == "SPF" and params.seed == 0:
+                    replies.append("Question: How does SPF stop attackers from spoofing the envelope sender of an email message?")
+                elif leaf == "DMARC" and params.seed == 0:
+                    replies.append("Sure!")
+                else:
+                    replies.append(f"Question: Which {leaf} misconfiguration number {params.seed} breaks delivery most often?")
+            elif "[Answer 1]" in prompt:
+                replies.append(picks_longest(conv))
+            else:
+                replies.append(json.dumps({"scope": 6, "complexity": 5, "practicality": 7, "depth": 4, "clarity": 8,
+                                           "correlation": 9}))
+        return replies
+
+
+def test_test_questions_avoid_training_near_duplicates() -> None:
+    tree = _tree()
+    index = training_index([TRAINING, "What is DNSSEC?"], threshold=0.8, shingle_size=2)
+    generator = ScriptedGenerator()
+    rows, counts = generate_test_questions(generator, tree.leaves(), index, n=6, domain="cybersecurity",
+                                           prompt=EvaluateConfig.question_prompt, params=GenerationParams(seed=0),
+                                           seed=0, max_rounds=6)
+    assert len(rows) == 6
+    assert all(r["question"] != TRAINING for r in rows)
+    assert counts["asked"] == 6 + counts["unparseable"] + counts["near_duplicates"]
+    assert counts["near_duplicates"] >= 1 or counts["unparseable"] >= 1
+    assert len({r["question_id"] for r in rows}) == 6
+    leaf_ids = {leaf.id for leaf in tree.leaves()}
+    assert all(r["leaf_id"] in leaf_ids and r["concept_path"][0] == "cybersecurity" for r in rows)
+    assert len({p.seed for p in generator.calls}) == len(generator.calls)  # repeated leaves get fresh seeds
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    (run_dir / "generate").mkdir(parents=True)
+    (run_dir / "generate" / "tree.json").write_text(json.dumps(_tree().to_json()))
+    make = lambda q, a, src: Instance([{"role": "user", "content": q}, {"role": "assistant", "content": a}],  # noqa: E731
+                                      leaf_id="x", concept_path=["cybersecurity", "Email", "SPF"], source=src, generator="t")
+    write_instances([make(TRAINING, "It lists allowed senders.", "concept_tree"),
+                     make("Explain DMARC reports.", "Aggregate and forensic.", "concept_tree")],
+                    run_dir / "generate" / "instances" / "shard-00000.parquet")
+    write_instances([make("Write a poem about routers.", "Packets flow.", "self_instruct")],
+                    run_dir / "generate" / "self_instruct" / "shard-00000.parquet")
+    (run_dir / "finetune" / "pithy_ne" / "model").mkdir(parents=True)
+    (run_dir / "finetune" / "pithy_ne" / "model" / "config.json").write_text("{}")
+    return run_dir
+
+
+def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path)
+    cfg = UnifitConfig(run_dir=str(run_dir), variants=[VariantConfig("pithy_ne", "pithy", True), VariantConfig("all", "all", False)],
+                       evaluate=EvaluateConfig(num_test_questions=5, bootstrap_samples=200, diversity_draws=2, diversity_sample_size=2,
+                                               extra_models=[ModelConfig(name="other", source="hub", path="org/other")]))
+    asked: list[tuple[ModelConfig, GenerationParams]] = []
+
+    def answer_fn(model_cfg: ModelConfig, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        asked.append((model_cfg, params))
+        detail = {"smollm2_135m": 1, "pithy_ne": 9, "other": 4}[model_cfg.name]  # native = cfg.model
+        return [Completion(f"{model_cfg.name} on {c[0]['content'][:20]}" + " detail" * detail, "stop", 5) for c in conversations]
+
+    ctx = StageContext(cfg, run_dir, "evaluate")
+    metrics = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answer_fn=answer_fn)
+    out = run_dir / "evaluate"
+
+    from datasets import load_dataset
+
+    questions = load_dataset("parquet", data_files=str(out / "test_questions.parquet"), split="train")
+    assert len(questions) == 5 and set(questions.column_names) == {"question_id", "question", "leaf_id", "concept_path"}
+    answers = read_parquet(out / "answers.parquet")
+    assert len(answers) == 15 and {a["model"] for a in answers} == {"native", "pithy_ne", "other"}
+    assert {a["question_id"] for a in answers} == set(questions["question_id"])
+    by_name = {m.name: (m, p) for m, p in asked}
+    assert by_name["pithy_ne"][0].path == str(run_dir / "finetune" / "pithy_ne" / "model")
+    assert by_name["pithy_ne"][0].source == "hub"
+    assert all(p.temperature == 0.0 and p.repetition_penalty == 1.2 for _, p in asked)
+    assert len({p for _, p in asked}) == 1  # identical settings for every model
+
+    judged = json.loads((out / "judge.json").read_text())
+    assert judged["win_rate"] == {"native": 0.0, "pithy_ne": 1.0, "other": 0.0}
+    assert judged["missing_models"] == ["all"]
+    assert judged["smoke_test_caveat"] and "smoke test" in judged["smoke_test_caveat"]
+    assert len(judged["records"]) == 5 and judged["records"][0]["question_id"] == questions["question_id"][0]
+    diversity = json.loads((out / "diversity.json").read_text())
+    assert set(diversity["sources"]) == {"unifit", "self_instruct"}
+    assert diversity["sources"]["self_instruct"]["mean"]["correlation"] == 9.0
+    assert metrics["win_rate/pithy_ne"] == 1.0 and metrics["missing_models"] == 1 and metrics["test_questions"] == 5
+
+    def must_not_run(*args: object) -> list[Completion]:
+        raise AssertionError("answers were already complete: the resumed stage must not ask again")
+
+    again = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answer_fn=must_not_run)
+    assert again["win_rate/pithy_ne"] == 1.0
+
+
+def test_judge_setup_flags_self_judging_as_smoke_test() -> None:
+    cfg = UnifitConfig()
+    assert "smoke test" in evaluation_stage.judge_setup(cfg)[2]
+    real = UnifitConfig(judge=ModelConfig(name="gpt-4", source="hub", path="gpt-4"))
+    assert evaluation_stage.judge_setup(real)[2] is None
+
+
+def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_dir: Path) -> None:
+    """No scripted parts: tiny random models answer through generate_with_ray (Ray actors) and judge in process."""
+    import shutil
+
+    from conftest import tiny_model_config
+
+    from unifit.config import BackendConfig, ClusterConfig
+    from unifit.llm.hf import HFChatModel
+    from unifit.models import resolve_model_dir
+
+    run_dir = _run_dir(tmp_path)
+    tiny = tiny_model_config("llama")
+    shutil.rmtree(run_dir / "finetune" / "pithy_ne" / "model")
+    shutil.copytree(resolve_model_dir(tiny_model_config("qwen2"), cache_dir), run_dir / "finetune" / "pithy_ne" / "model")
+    cfg = UnifitConfig(run_dir=str(run_dir), model=tiny, cache_dir=str(cache_dir),
+                       backend=BackendConfig(max_new_tokens=12, batch_size=4, cache=False, temperature=0.7),
+                       cluster=ClusterConfig(generation_actors=2),
+                       variants=[VariantConfig("pithy_ne", "pithy", True)],
+                       evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
+                                               diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
+                                               judge_max_retries=1, question_max_rounds=3))
+    judge = HFChatModel(tiny, cache_dir, batch_size=8)
+    metrics = evaluation_stage.run(StageContext(cfg, run_dir, "evaluate"), judge=judge)
+    judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
+    n = metrics["test_questions"]
+    assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]
+    # a random model does not write [[i]]: every ordering fails after its retry, counted, and no model wins
+    assert judged["parse_failures"] == 3 * n and judged["retries"] == 3 * n
+    assert judged["no_majority_rate"] == 1.0 and "smoke test" in judged["smoke_test_caveat"]
+    answers = read_parquet(run_dir / "evaluate" / "answers.parquet")
+    assert len(answers) == 2 * n and all(a["finish_reason"] in ("stop", "length") for a in answers)
+    assert all(a["answer"] for a in answers)
+    diversity = json.loads((run_dir / "evaluate" / "diversity.json").read_text())
+    assert diversity["sources"]["unifit"]["failures"] == 1 and diversity["sources"]["self_instruct"]["failures"] == 1

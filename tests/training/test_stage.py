@@ -1,0 +1,41 @@
+"""Training stages: finished variant models are reused on rerun (resume), train time is summed per variant,
+and missing upstream data is a user error naming the file. (Training itself: test_sft.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unifit.config import UnifitConfig, VariantConfig
+from unifit.stage import StageContext, UserError, write_json
+from unifit.training.stage import run_finetune, run_scorer
+
+
+def _finished(out_dir: Path, seconds: float) -> None:
+    """What run_sft leaves behind: the exported model directory, then its metrics file."""
+    (out_dir / "model").mkdir(parents=True)
+    write_json(out_dir / "model" / "config.json", {"model_type": "llama"})
+    write_json(out_dir / "metrics.json", {"train_seconds": seconds, "steps": 3, "final_loss": 1.5, "tokens": 100.0})
+
+
+def test_finetune_reuses_complete_variants_and_sums_train_time(tmp_path: Path) -> None:
+    cfg = UnifitConfig(variants=[VariantConfig(name="pithy_ne", data="pithy", neftune=True),
+                                 VariantConfig(name="all", data="all", neftune=False)])
+    logged: list[dict] = []
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, name="finetune", log_metrics=logged.append)
+    _finished(ctx.out_dir / "pithy_ne", 12.0)
+    _finished(ctx.out_dir / "all", 30.0)
+    metrics = run_finetune(ctx)  # no upstream data needed: nothing is retrained
+    assert metrics["reused"] == 2
+    assert metrics["train_seconds"] == pytest.approx(42.0)
+    assert metrics["pithy_ne_train_seconds"] == 12.0 and metrics["all_steps"] == 3
+    assert logged[1]["finetune/all/train_seconds"] == 30.0
+
+
+def test_missing_upstream_data_names_the_file(tmp_path: Path) -> None:
+    cfg = UnifitConfig(variants=[VariantConfig(name="pithy", data="pithy", neftune=False)])
+    with pytest.raises(UserError, match="select/pithy.parquet is missing"):
+        run_finetune(StageContext(cfg=cfg, run_dir=tmp_path, name="finetune"))
+    with pytest.raises(UserError, match="sample/sample.parquet is missing"):
+        run_scorer(StageContext(cfg=cfg, run_dir=tmp_path, name="train_scorer"))

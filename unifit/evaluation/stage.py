@@ -1,0 +1,171 @@
+"""The evaluate stage: test questions → answers of every compared model → judge win rates → diversity.
+
+Outputs in `<run_dir>/evaluate/`: test_questions.parquet, answers.parquet, judge.json, diversity.json.
+Each is reused when present, so an interrupted stage resumes after its last finished step (the
+pipeline keeps the directory only while the stage's fingerprint is unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional, Sequence
+
+from unifit.config import BackendConfig, ModelConfig, UnifitConfig
+from unifit.evaluation.answers import AnswerFn, answer_params, collect_answers, compared_models
+from unifit.evaluation.diversity import DIMENSIONS, diversity
+from unifit.evaluation.judge import win_rates
+from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
+from unifit.generation.dedup import first_question
+from unifit.generation.tree import Node, Tree
+from unifit.llm.base import ChatModel, Completion, Conversation, GenerationParams
+from unifit.records import read_parquet, write_parquet
+from unifit.stage import StageContext, UserError, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+class RayChatModel:
+    """A ChatModel served through `generate_with_ray`: any backend, the actor pool and the completion cache.
+
+    The judge asks thousands of prompts (3 orderings per question), so it goes through the same
+    batched path as bulk generation rather than a single in-process model.
+    """
+
+    def __init__(self, cfg: UnifitConfig, model_cfg: ModelConfig, backend: BackendConfig) -> None:
+        self.cfg = dataclasses.replace(cfg, backend=backend)
+        self.model_cfg = model_cfg
+        self.name = model_cfg.name
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        from unifit.llm.ray_generate import generate_with_ray
+
+        return generate_with_ray(self.cfg, conversations, params, model_cfg=self.model_cfg, desc=f"judge {self.name}")
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
+        return [c.text for c in self.complete(conversations, params)]
+
+
+def judge_setup(cfg: UnifitConfig) -> tuple[ModelConfig, BackendConfig, Optional[str]]:
+    """The judge model and backend, and why its verdicts are only a smoke test (None for a real judge).
+
+    A judge that is the base model itself, or a small local model, cannot rate answers meaningfully;
+    the report says so instead of presenting its numbers as results.
+    """
+    model = cfg.judge or cfg.model
+    backend = cfg.judge_backend or cfg.backend
+    caveat = None
+    if model == cfg.model:
+        caveat = f"the judge is the judged base model itself ({model.name}); its verdicts are only a smoke test"
+    elif backend.name == "hf" and model.source in ("embedded", "random"):
+        caveat = f"the judge is a small local model ({model.name}, {model.source}); its verdicts are only a smoke test"
+    return model, backend, caveat
+
+
+def default_answer_fn(cfg: UnifitConfig) -> AnswerFn:
+    """Answers through `generate_with_ray` with the run's backend (the same settings for every model)."""
+
+    def answer(model_cfg: ModelConfig, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        from unifit.llm.ray_generate import generate_with_ray
+
+        return generate_with_ray(cfg, conversations, params, model_cfg=model_cfg, desc=f"answers {model_cfg.name}")
+
+    return answer
+
+
+def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node]:
+    """Leaves of generate/tree.json; for imported data (no tree) the instances' distinct concept paths."""
+    tree_path = ctx.stage_dir("generate") / "tree.json"
+    if tree_path.exists():
+        return Tree.from_json(read_json(tree_path)).leaves()
+    paths = {tuple(row["concept_path"]) for row in instances if row.get("concept_path")}
+    if not paths:
+        raise UserError(f"{tree_path} is missing and the training instances carry no concept_path: there is nothing to "
+                        f"ask test questions about; run the generate stage (stages=[generate,...])")
+    return [Node(path[-1], list(path), None) for path in sorted(paths)]
+
+
+def _test_questions(ctx: StageContext, judge: ChatModel, instances: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    cfg = ctx.cfg
+    path = ctx.out_dir / "test_questions.parquet"
+    if path.exists():
+        return read_parquet(path), {}
+    texts = [m["content"] for row in instances for m in row["messages"] if m["role"] == "user"]
+    index = training_index(texts, cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
+    _, backend, _ = judge_setup(cfg)
+    params = GenerationParams(max_new_tokens=128, temperature=backend.temperature, top_p=backend.top_p,
+                              repetition_penalty=backend.repetition_penalty, seed=cfg.seed)
+    rows, counts = generate_test_questions(
+        judge, load_leaves(ctx, instances), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
+        prompt=cfg.evaluate.question_prompt, params=params, seed=cfg.seed, max_rounds=cfg.evaluate.question_max_rounds)
+    if len(rows) < cfg.evaluate.num_test_questions:
+        log.warning("only %d of %d test questions after %d rounds (%s); raise evaluate.question_max_rounds for more",
+                    len(rows), cfg.evaluate.num_test_questions, counts["rounds"], counts)
+    if not rows:
+        raise UserError(f"no usable test question after {counts['rounds']} rounds ({counts}); the judge/generator "
+                        f"model's replies did not parse or all near-duplicated training data")
+    write_parquet(rows, path, QUESTION_SCHEMA)
+    return rows, counts
+
+
+def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optional[AnswerFn] = None) -> dict[str, Any]:
+    """Evaluate every compared model; `judge`/`answer_fn` replace the configured backends (tests, notebooks)."""
+    cfg = ctx.cfg
+    out = ctx.out_dir
+    judge_model, judge_backend, caveat = judge_setup(cfg)
+    judge = judge or RayChatModel(cfg, judge_model, judge_backend)
+    instances_dir = ctx.stage_dir("generate") / "instances"
+    if not instances_dir.exists():
+        raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
+    instances = read_parquet(instances_dir)
+
+    questions, question_counts = _test_questions(ctx, judge, instances)
+    metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
+    ctx.log_metrics(metrics)
+
+    models, missing = compared_models(cfg, ctx.run_dir)
+    answers = collect_answers(questions, models, answer_fn or default_answer_fn(cfg), answer_params(cfg), out / "answers.parquet")
+    metrics.update(compared_models=len(models), missing_models=len(missing))
+
+    judge_path = out / "judge.json"
+    if judge_path.exists():
+        judged = read_json(judge_path)
+    elif len(models) < 2:
+        judged = {"skipped": f"only {list(models)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
+        write_json(judge_path, judged)
+    else:
+        params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
+                                  repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
+        result = win_rates([q["question"] for q in questions], answers, judge, seed=cfg.seed,
+                           max_retries=cfg.evaluate.judge_max_retries, bootstrap_samples=cfg.evaluate.bootstrap_samples,
+                           params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
+                           question_ids=[q["question_id"] for q in questions])
+        judged = {**result.to_dict(), "missing_models": missing, "smoke_test_caveat": caveat}
+        write_json(judge_path, judged)
+    if "win_rate" in judged:
+        metrics.update({f"win_rate/{m}": r for m, r in judged["win_rate"].items()})
+        metrics.update(no_majority_rate=judged["no_majority_rate"], flip_rate=judged["flip_rate"],
+                       judge_parse_failures=judged["parse_failures"])
+    ctx.log_metrics(metrics)
+
+    diversity_path = out / "diversity.json"
+    if diversity_path.exists():
+        scored = read_json(diversity_path)
+    else:
+        sources = {"unifit": [first_question(row["messages"]) for row in instances]}
+        self_instruct = ctx.stage_dir("generate") / "self_instruct"
+        if self_instruct.exists():
+            sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
+        params = GenerationParams(max_new_tokens=128, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
+                                  seed=cfg.seed, json_mode=judge_backend.name != "hf")
+        scored = diversity(judge, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
+                           sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
+                           max_retries=cfg.evaluate.judge_max_retries, params=params, prompt=cfg.evaluate.diversity_prompt,
+                           retry_prompt=cfg.evaluate.diversity_retry_prompt)
+        scored["smoke_test_caveat"] = caveat
+        write_json(diversity_path, scored)
+    for name, entry in scored["sources"].items():
+        metrics[f"diversity_failures/{name}"] = entry["failures"]
+        if "mean" in entry:
+            metrics[f"diversity/{name}"] = sum(entry["mean"][d] for d in DIMENSIONS) / len(DIMENSIONS)
+    return metrics

@@ -1,0 +1,311 @@
+"""The run report: Table 1, the concept tree, generation/filter counts, IFD histogram and Figures 3–5.
+
+One or more finished run directories (a single run, a multi-model sweep, a ratio sweep) become one
+`report.html` and `report.md` built from the same list of sections, with every picture copied or
+drawn next to them (relative paths). Whatever a run lacks — a stage that did not run — becomes a
+visible "not run" note naming the missing file, never a crash.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
+from unifit.report.plots import plot_diversity_radar, plot_ratio_curve, plot_win_rates
+from unifit.stage import read_json
+
+log = logging.getLogger(__name__)
+
+SETTINGS: tuple[str, ...] = ("Pithy", "All", "Pithy NE", "All NE")  # Table 1 columns of the paper
+
+# A report is a list of sections; each block renders to both HTML and Markdown.
+Block = Union[tuple[str, str], tuple[str, list[str], list[list[str]]], tuple[str, str, str]]
+
+
+@dataclass
+class RunData:
+    """What one run directory holds (None = the file is missing)."""
+
+    run_dir: Path
+    label: str
+    cfg: Optional[UnifitConfig]
+    timings: Optional[dict[str, Any]]
+    generate_report: Optional[dict[str, Any]]
+    select_report: Optional[dict[str, Any]]
+    judge: Optional[dict[str, Any]]
+    diversity: Optional[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _read(path: Path, notes: list[str]) -> Optional[dict[str, Any]]:
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ValueError as error:  # a broken file is reported, not fatal
+        notes.append(f"{path} is not valid JSON ({error}); its section is left out")
+        return None
+
+
+def load_run(run_dir: Path, cfg: Optional[UnifitConfig] = None) -> RunData:
+    """Read one run; the config comes from `cfg` or the pipeline's `<run_dir>/config.json`."""
+    notes: list[str] = []
+    if cfg is None:
+        raw = _read(run_dir / "config.json", notes)
+        if raw is None:
+            notes.append(f"{run_dir / 'config.json'} is missing: variant settings and ratios are unknown")
+        else:
+            try:
+                cfg = from_container(raw)
+            except (ConfigError, TypeError) as error:
+                notes.append(f"{run_dir / 'config.json'} does not match this version of unifit ({error})")
+    return RunData(
+        run_dir=run_dir,
+        label=cfg.model.name if cfg else run_dir.name,
+        cfg=cfg,
+        timings=_read(run_dir / "timings.json", notes),
+        generate_report=_read(run_dir / "generate" / "report.json", notes),
+        select_report=_read(run_dir / "select" / "report.json", notes),
+        judge=_read(run_dir / "evaluate" / "judge.json", notes),
+        diversity=_read(run_dir / "evaluate" / "diversity.json", notes),
+        notes=notes,
+    )
+
+
+def setting_name(variant: VariantConfig) -> str:
+    """Table 1 column of a variant: Pithy / All, plus " NE" when trained with NEFTune."""
+    return ("Pithy" if variant.data == "pithy" else "All") + (" NE" if variant.neftune else "")
+
+
+def _minutes(seconds: Optional[float]) -> str:
+    return "not run" if seconds is None else f"{seconds / 60:.2f}"
+
+
+def table1_rows(run: RunData) -> list[list[str]]:
+    """Rows (model, setting, variant, select, train, all) in minutes, from measured stage times only.
+
+    Select time = scoring-model training + IFD scoring, charged to Pithy settings (All uses no
+    selection); train time = that variant's fine-tuning; all = select + train.
+    """
+    stages = (run.timings or {}).get("stages", {})
+    variants = run.cfg.variants if run.cfg else []
+    scorer = [stages.get(s, {}).get("seconds") for s in ("train_scorer", "score")]
+    select_seconds = None if None in scorer else sum(scorer)
+    train = stages.get("finetune", {}).get("metrics", {})
+    rows: list[list[str]] = []
+    for setting in SETTINGS:
+        mine = [v for v in variants if setting_name(v) == setting]
+        if not mine:
+            rows.append([run.label, setting, "—", "not run", "not run", "not run"])
+        for variant in mine:
+            train_seconds = train.get(f"train_seconds/{variant.name}")
+            if variant.data == "pithy":
+                select = select_seconds
+            else:  # All needs no selection: 0 once it has trained, "not run" before
+                select = None if train_seconds is None else 0.0
+            total = None if select is None or train_seconds is None else select + train_seconds
+            rows.append([run.label, setting, variant.name, _minutes(select), _minutes(train_seconds), _minutes(total)])
+    return rows
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> list[list[str]]:
+    rows: list[list[str]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flat(value, name + ".")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append([name, f"{value:.4g}" if isinstance(value, float) else str(value)])
+    return rows
+
+
+def _copy_image(source: Path, out_dir: Path, name: str) -> str:
+    shutil.copyfile(source, out_dir / name)
+    return name
+
+
+def _prefix(run: RunData, many: bool) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run.label) + "-" if many else ""
+
+
+def _caveats(runs: Sequence[RunData]) -> list[str]:
+    found = []
+    for run in runs:
+        for payload in (run.judge, run.diversity):
+            caveat = (payload or {}).get("smoke_test_caveat")
+            if caveat and f"{run.label}: {caveat}" not in found:
+                found.append(f"{run.label}: {caveat}")
+    return found
+
+
+def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, list[Block]]]:
+    """All report sections; images are copied/drawn into `out_dir` and referenced by relative name."""
+    many = len(runs) > 1
+    sections: list[tuple[str, list[Block]]] = []
+
+    overview: list[Block] = [("table", ["run", "directory", "base model", "judge", "select.ratio"],
+                              [[r.label, str(r.run_dir), r.cfg.model.name if r.cfg else "?",
+                                (r.judge or {}).get("judge", "not run"), str(r.cfg.select.ratio) if r.cfg else "?"] for r in runs])]
+    overview += [("note", caveat + ". Such a judge only checks that the pipeline runs end to end; use a strong judge "
+                  "(judge=... with judge_backend=openai, e.g. GPT-4 or a `vllm serve`d 70B model) for results.") for caveat in _caveats(runs)]
+    overview += [("note", note) for r in runs for note in r.notes]
+    sections.append(("Runs", overview))
+
+    table1: list[Block] = [("p", "Measured wall time in minutes (timings.json). select = scoring-model training + IFD scoring; "
+                                 "all = select + train. The All settings train on all data and need no selection.")]
+    table1.append(("table", ["model", "setting", "variant", "select (min)", "train (min)", "all (min)"],
+                   [row for r in runs for row in table1_rows(r)]))
+    if any(r.timings is None for r in runs):
+        table1 += [("note", f"Not run: {r.run_dir / 'timings.json'} is missing ({r.label}).") for r in runs if r.timings is None]
+    sections.append(("Table 1 — time per model and setting", table1))
+
+    for run in runs:
+        title = "Concept tree and generation" + (f" — {run.label}" if many else "")
+        blocks: list[Block] = []
+        tree = run.run_dir / "generate" / "tree.png"
+        if tree.exists():
+            blocks.append(("img", _copy_image(tree, out_dir, f"{_prefix(run, many)}tree.png"), "concept tree"))
+        else:
+            blocks.append(("note", f"Not run: {tree} is missing (the generate stage has not run)."))
+        if run.generate_report is not None:
+            blocks.append(("table", ["generation / filter count", "value"], _flat(run.generate_report)))
+        else:
+            blocks.append(("note", f"Not run: {run.run_dir / 'generate' / 'report.json'} is missing."))
+        sections.append((title, blocks))
+
+        title = "Pithy selection (IFD)" + (f" — {run.label}" if many else "")
+        blocks = []
+        hist = run.run_dir / "select" / "ifd_hist.png"
+        if hist.exists():
+            blocks.append(("img", _copy_image(hist, out_dir, f"{_prefix(run, many)}ifd_hist.png"), "IFD histogram"))
+        else:
+            blocks.append(("note", f"Not run: {hist} is missing (the select stage has not run)."))
+        if run.select_report is not None:
+            blocks.append(("table", ["selection count", "value"], _flat(run.select_report)))
+        sections.append((title, blocks))
+
+    judged = [(r.label, r.judge) for r in runs if r.judge and "win_rate" in r.judge]
+    blocks = []
+    if judged:
+        blocks.append(("img", plot_win_rates(judged, out_dir / "win_rates.png").name, "Figure 4: win rates"))
+        for label, result in judged:
+            rows = [[m, f"{result['win_rate'][m]:.1%}", f"[{result['win_rate_ci'][m][0]:.1%}, {result['win_rate_ci'][m][1]:.1%}]"]
+                    for m in result["models"]]
+            rows.append(["no majority", f"{result['no_majority_rate']:.1%}",
+                         f"[{result['no_majority_ci'][0]:.1%}, {result['no_majority_ci'][1]:.1%}]"])
+            blocks.append(("p", f"{label}: {result['n_questions']} test questions, judge {result.get('judge', '?')}; flip rate "
+                                f"{result['flip_rate']:.1%}; unparseable verdicts {result['parse_failures']} "
+                                f"(after {result.get('retries', 0)} retries); missing models: {result.get('missing_models') or 'none'}."))
+            blocks.append(("table", ["model", "win rate", "95% CI"], rows))
+    for run in runs:
+        if not (run.judge and "win_rate" in run.judge):
+            reason = (run.judge or {}).get("skipped") or f"{run.run_dir / 'evaluate' / 'judge.json'} is missing (the evaluate stage has not run)"
+            blocks.append(("note", f"Not run ({run.label}): {reason}."))
+    sections.append(("Figure 4 — judge win rate", blocks))
+
+    scored = [(r.label, r.diversity) for r in runs if r.diversity and r.diversity.get("sources")]
+    blocks = []
+    if scored:
+        blocks.append(("img", plot_diversity_radar(scored, out_dir / "diversity_radar.png").name, "Figure 3: diversity"))
+        for label, result in scored:
+            dims = result["dimensions"]
+            rows = [[f"{label}: {source}", *[f"{e['mean'][d]:.2f} ± {e['std'][d]:.2f}" if "mean" in e else "—" for d in dims],
+                     str(len(e["draws"])), str(e["failures"])] for source, e in result["sources"].items()]
+            blocks.append(("table", ["source", *dims, "draws", "failed draws"], rows))
+    blocks += [("note", f"Not run ({r.label}): {r.run_dir / 'evaluate' / 'diversity.json'} is missing.")
+               for r in runs if not (r.diversity and r.diversity.get("sources"))]
+    sections.append(("Figure 3 — instruction diversity", blocks))
+
+    sections.append(("Figure 5 — win rate vs. Pithy ratio", _ratio_blocks(runs, out_dir)))
+    return sections
+
+
+def _ratio_blocks(runs: Sequence[RunData], out_dir: Path) -> list[Block]:
+    points = [(r, r.cfg.select.ratio) for r in runs if r.cfg and r.judge and "win_rate" in r.judge]
+    if len({ratio for _, ratio in points}) < 2:
+        return [("note", "Not run: the ratio curve needs evaluated runs at two or more select.ratio values. Run "
+                         "`python -m unifit.launch -m +experiment=ratio_sweep`, then "
+                         "`python -m unifit.report runs/ratio_sweep/* --out runs/ratio_sweep/report`.")]
+    bases = {r.cfg.model.name for r, _ in points}
+    series: dict[str, list[tuple[float, float, tuple[float, float]]]] = {}
+    for run, ratio in points:
+        for model in run.judge["models"]:
+            label = model if len(bases) == 1 else f"{run.cfg.model.name}: {model}"
+            series.setdefault(label, []).append((ratio, run.judge["win_rate"][model], tuple(run.judge["win_rate_ci"][model])))
+    rows = [[label, f"{ratio:g}", f"{rate:.1%}", f"[{lo:.1%}, {hi:.1%}]"]
+            for label, pts in sorted(series.items()) for ratio, rate, (lo, hi) in sorted(pts)]
+    return [("img", plot_ratio_curve(series, out_dir / "ratio_curve.png").name, "Figure 5: win rate vs ratio"),
+            ("table", ["model", "select.ratio", "win rate", "95% CI"], rows)]
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.6em 0}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}img{max-width:100%}"
+        ".not-run{color:#8a5a00;background:#fff6e0;padding:4px 8px;border-left:3px solid #e0a000}")
+
+
+def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for heading, blocks in sections:
+        out.append(f"<h2>{html.escape(heading)}</h2>")
+        for block in blocks:
+            kind = block[0]
+            if kind == "p":
+                out.append(f"<p>{html.escape(block[1])}</p>")
+            elif kind == "note":
+                out.append(f"<p class='not-run'>{html.escape(block[1])}</p>")
+            elif kind == "img":
+                out.append(f"<p><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'></p>")
+            else:
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def render_markdown(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
+    cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = [f"# {title}", ""]
+    for heading, blocks in sections:
+        out += [f"## {heading}", ""]
+        for block in blocks:
+            kind = block[0]
+            if kind == "p":
+                out += [block[1], ""]
+            elif kind == "note":
+                out += [f"> **Note:** {block[1]}", ""]
+            elif kind == "img":
+                out += [f"![{block[2]}]({block[1]})", ""]
+            else:
+                out.append("| " + " | ".join(cell(h) for h in block[1]) + " |")
+                out.append("|" + "---|" * len(block[1]))
+                out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block[2]]
+                out.append("")
+    return "\n".join(out)
+
+
+def build_report(run_dirs: Sequence[Path], out_dir: Path, cfgs: Optional[Sequence[Optional[UnifitConfig]]] = None) -> dict[str, Any]:
+    """Write report.html and report.md (+ images) for the runs into `out_dir`; return counts for the stage metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = list(cfgs) if cfgs is not None else [None] * len(run_dirs)
+    runs = [load_run(Path(d).resolve(), c) for d, c in zip(run_dirs, cfgs)]
+    labels = [r.label for r in runs]
+    for run in runs:
+        if labels.count(run.label) > 1:  # e.g. a ratio sweep of one model: tell runs apart by directory
+            run.label = f"{run.label} ({run.run_dir.name})"
+    sections = build_sections(runs, out_dir)
+    title = "UNIFIT report — " + ", ".join(r.label for r in runs)
+    for name, text in (("report.html", render_html(title, sections)), ("report.md", render_markdown(title, sections))):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+    images = sum(1 for _, blocks in sections for b in blocks if b[0] == "img")
+    notes = sum(1 for _, blocks in sections for b in blocks if b[0] == "note")
+    log.info("report: %s (%d images, %d notes)", out_dir / "report.html", images, notes)
+    return {"runs": len(runs), "images": images, "notes": notes}

@@ -1,0 +1,150 @@
+"""Training examples: chat template -> ids + assistant-only labels, truncation, packing, collation.
+
+Labels come from `unifit.templates.tokenize_conversation(...).labels()` (the same spans IFD scores), so the
+loss covers every assistant turn's content and end-of-turn token and nothing else. Packing concatenates
+conversations into rows of at most `max_length` tokens; each segment restarts its position ids and attends
+only within itself (block-diagonal causal mask on CPU/SDPA, flash-attn varlen from position ids on GPU),
+so a packed row gives the same per-token loss as its conversations run one by one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from unifit.templates import tokenize_conversation, validate_messages
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodeReport:
+    """What happened to the input conversations (nothing is dropped silently)."""
+
+    encoded: int = 0
+    truncated: int = 0  # cut to max_length (labels past the cut are lost)
+    dropped_no_answer: int = 0  # no assistant token left within max_length: nothing to learn from
+
+
+def encode_instances(tokenizer: Any, instances: Iterable[dict[str, Any]], max_length: int) -> tuple[list[dict[str, list[int]]], EncodeReport]:
+    """`{"input_ids", "labels"}` per instance (right-truncated to `max_length`), plus counts."""
+    examples: list[dict[str, list[int]]] = []
+    report = EncodeReport()
+    for index, instance in enumerate(instances):
+        messages = validate_messages(list(instance["messages"]), where=f"instance {instance.get('id', index)} messages")
+        tokenized = tokenize_conversation(tokenizer, messages)
+        ids, labels = tokenized.input_ids, tokenized.labels(IGNORE_INDEX)
+        if len(ids) > max_length:
+            report.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # label 0 is never predicted
+            report.dropped_no_answer += 1
+            continue
+        examples.append({"input_ids": list(ids), "labels": list(labels)})
+        report.encoded += 1
+    return examples, report
+
+
+def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Best-fit-decreasing packing into rows of <= `max_length` tokens, rows shuffled with `seed`.
+
+    Each row carries `position_ids` that restart at 0 for every segment (this is how segments are found
+    downstream). A segment's first label is set to IGNORE_INDEX: in a packed row it would otherwise be
+    predicted from the previous conversation's last token.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (remaining capacity, row index), sorted
+    for index in order:
+        size = len(examples[index]["input_ids"])
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            remaining, row = free.pop(slot)
+        else:
+            remaining, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if remaining - size > 0:
+            bisect.insort(free, (remaining - size, row))
+    random.Random(seed).shuffle(rows)
+    packed: list[dict[str, list[int]]] = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for index in members:
+            example = examples[index]
+            ids.extend(example["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(example["labels"][1:])
+            positions.extend(range(len(example["input_ids"])))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+def shuffled(examples: Sequence[dict[str, list[int]]], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Unpacked rows in a seeded random order (each row is one conversation, padded per micro-batch)."""
+    rows = list(examples)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "4d", dtype: Any = None) -> dict[str, Any]:
+    """Right-pad rows into model inputs.
+
+    Returns `input_ids`, `labels`, `attention_mask` (2D, 1 on real tokens: also what NEFTune needs),
+    and for packed rows `position_ids`, `segment_ids` and `model_mask`: the mask to hand the model —
+    a 4D block-diagonal causal mask (`mask_mode="4d"`, additive, in `dtype`) or None
+    (`mask_mode="position_ids"`: flash-attn varlen derives segments from the position ids).
+    Unpacked rows use the 2D mask as `model_mask`.
+    """
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(list(row["input_ids"]))
+        labels[i, :n] = torch.as_tensor(list(row["labels"]))
+        attention_mask[i, :n] = 1
+        if packed:
+            position_ids[i, :n] = torch.as_tensor(list(row["position_ids"]))
+        else:
+            position_ids[i, :n] = torch.arange(n)
+        position_ids[i, n:] = torch.arange(width - n)  # trailing pads: one more segment of their own
+    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if not packed:
+        out["model_mask"] = attention_mask
+        return out
+    segment_ids = torch.cumsum((position_ids == 0).long(), dim=1) - 1
+    out.update(position_ids=position_ids, segment_ids=segment_ids)
+    out["model_mask"] = block_causal_mask(segment_ids, dtype or torch.float32) if mask_mode == "4d" else None
+    return out
+
+
+def block_causal_mask(segment_ids: Any, dtype: Any) -> Any:
+    """Additive (B, 1, T, T) mask: token q sees token k iff same segment and k <= q (0 where allowed, min elsewhere)."""
+    import torch
+
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+def model_inputs(batch: dict[str, Any], device: Optional[Any] = None) -> dict[str, Any]:
+    """The kwargs for `model(**...)` from a collated batch (labels included: HF shifts them itself)."""
+    kwargs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "attention_mask": batch["model_mask"]}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    if device is not None:
+        kwargs = {k: (v.to(device) if v is not None else None) for k, v in kwargs.items()}
+    return kwargs

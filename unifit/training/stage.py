@@ -1,0 +1,71 @@
+"""Pipeline stages that train: the scoring model (on the K-per-leaf sample) and the final variants.
+
+Both are the same SFT recipe (`unifit.training.sft.run_sft`) on different data. A model directory that is
+complete (exported and its metrics written) is never retrained, so an interrupted finetune stage resumes
+with the variant it was on — and that variant resumes from its last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from unifit.records import read_parquet
+from unifit.stage import StageContext, UserError, read_json
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("train_seconds", "steps", "final_loss", "tokens", "tokens_per_second", "examples", "truncated", "dropped_no_answer")
+
+
+def _load(path: Path, what: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise UserError(f"{path} is missing: run the stage that writes {what} first")
+    rows = read_parquet(path)
+    if not rows:
+        raise UserError(f"{path} holds no instances: nothing to train on ({what})")
+    return rows
+
+
+def _train(ctx: StageContext, load: Callable[[], list[dict[str, Any]]], out_dir: Path, neftune_alpha: float) -> tuple[dict[str, Any], bool]:
+    """Metrics of a finished model in `out_dir` (trained now, or earlier: then `True` = reused)."""
+    from unifit.training.sft import METRICS_FILE, model_complete, run_sft
+
+    if model_complete(out_dir):
+        log.info("%s is complete; not retraining", out_dir / "model")
+        return read_json(out_dir / METRICS_FILE), True
+    return run_sft(ctx.cfg, load(), out_dir, neftune_alpha=neftune_alpha), False
+
+
+def run_scorer(ctx: StageContext) -> dict[str, Any]:
+    """SFT the base model on the scoring sample T (no NEFTune) -> train_scorer/model/."""
+    sample = ctx.stage_dir("sample") / "sample.parquet"
+    metrics, reused = _train(ctx, lambda: _load(sample, "the scoring sample (stage `sample`)"), ctx.out_dir, neftune_alpha=0.0)
+    return {**{key: metrics[key] for key in REPORTED if key in metrics}, "reused": int(reused)}
+
+
+def run_finetune(ctx: StageContext) -> dict[str, Any]:
+    """One model per `cfg.variants` entry -> finetune/<variant>/model/; `train_seconds` sums the variants."""
+    sources = {
+        "pithy": (ctx.stage_dir("select") / "pithy.parquet", "the Pithy subset (stage `select`)"),
+        "all": (ctx.stage_dir("generate") / "instances", "all instances (stage `generate`)"),
+    }
+    loaded: dict[str, list[dict[str, Any]]] = {}
+
+    def instances(data: str) -> list[dict[str, Any]]:
+        if data not in loaded:  # each data set read once, and only if a variant still needs training
+            loaded[data] = _load(*sources[data])
+        return loaded[data]
+
+    result: dict[str, Any] = {"train_seconds": 0.0, "reused": 0}
+    for variant in ctx.cfg.variants:
+        alpha = ctx.cfg.train.neftune_alpha if variant.neftune else 0.0
+        metrics, reused = _train(ctx, lambda data=variant.data: instances(data), ctx.out_dir / variant.name, alpha)
+        result["train_seconds"] += float(metrics["train_seconds"])
+        result["reused"] += int(reused)
+        for key in REPORTED:
+            if key in metrics:
+                result[f"{variant.name}_{key}"] = metrics[key]
+        ctx.log_metrics({f"finetune/{variant.name}/{key}": metrics[key] for key in REPORTED if key in metrics})
+    return result
