@@ -90,8 +90,8 @@ def make_run(root: Path, name: str, *, model: str = "smollm2_135m", ratio: float
     if complete:
         stages.update(train_scorer={"seconds": 120.0, "metrics": {}}, score={"seconds": 60.0, "metrics": {}},
                       select={"seconds": 1.0, "metrics": {}},
-                      finetune={"seconds": 900.0, "metrics": {"train_seconds/pithy": 90.0, "train_seconds/all": 600.0,
-                                                              "train_seconds/pithy_ne": 300.0, "train_seconds/all_ne": 630.0}})
+                      finetune={"seconds": 900.0, "metrics": {"pithy_train_seconds": 90.0, "all_train_seconds": 600.0,
+                                                              "pithy_ne_train_seconds": 300.0, "all_ne_train_seconds": 630.0}})
         _png(run_dir / "select" / "ifd_hist.png")
         _write(run_dir / "select" / "report.json", {"scored": 40, "selected": 3, "dropped_ifd_ge_1": 5, "truncated": 1})
         votes = [["pithy_ne"] * 3] * pithy_ne_wins + [["native", "all", "pithy_ne"]] * (6 - pithy_ne_wins)

@@ -103,7 +103,7 @@ def table1_rows(run: RunData) -> list[list[str]]:
         if not mine:
             rows.append([run.label, setting, "—", "not run", "not run", "not run"])
         for variant in mine:
-            train_seconds = train.get(f"train_seconds/{variant.name}")
+            train_seconds = train.get(f"{variant.name}_train_seconds")
             if variant.data == "pithy":
                 select = select_seconds
             else:  # All needs no selection: 0 once it has trained, "not run" before
