@@ -1,0 +1,160 @@
+"""IFD scorer speed: `compute_ifd` against a Cherry_LLM-style per-sample reference, same model, same data, same run.
+
+The reference (tianyi-lab/Cherry_LLM `data_analysis.py`) scores one example at a time: a full forward with
+full-vocabulary logits and a masked-label loss for the conditioned pass, and another for the direct pass.
+Also reports achieved FLOP/s against a matmul peak measured in the same process.
+
+    python bench/ifd_bench.py --n 64                                  # CPU, embedded SmolLM2-135M (fp32)
+    python bench/ifd_bench.py --device cuda --arch llama7b --n 256    # GPU, 7B LLaMA architecture, random bf16 weights
+
+Data are synthetic token ids whose lengths follow instruction data (prompt 20-240, answer 20-240 tokens);
+speed does not depend on which tokens they are. The reference runs on the first --ref-n examples (default:
+all on GPU, 32 on CPU, where it is slow); rates are tokens per second over the data each one scored.
+
+On a shared CPU the process may get less than its threads' worth of CPU: wall-clock rates are reported as
+they are, and the fraction of peak also per CPU-second received (process CPU time / threads), which is
+what the scorer achieves when it has the cores to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lent GPU machine runs the repo copy uninstalled
+
+from unifit.selection.ifd import compute_ifd  # noqa: E402
+
+
+def build_model(arch: str, device: str, dtype: torch.dtype) -> Any:
+    if arch == "smollm2":
+        import os
+
+        from unifit.config import ModelConfig
+        from unifit.models import load_model
+
+        cache = os.environ.get("UNIFIT_CACHE", os.path.expanduser("~/.cache/unifit"))
+        model = load_model(ModelConfig(), cache)
+    else:  # llama7b: LLaMA-2-7B shapes, random weights (no download needed to measure speed)
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_examples(n: int, vocab: int, seed: int) -> list[dict[str, list[int]]]:
+    rng = random.Random(seed)
+    header = [1, 520, 9531, 198]
+    examples = []
+    for _ in range(n):
+        prompt, answer = rng.randint(20, 240), rng.randint(20, 240)
+        examples.append({
+            "context_ids": [rng.randrange(3, vocab) for _ in range(prompt)] + header,
+            "header_ids": header,
+            "answer_ids": [rng.randrange(3, vocab) for _ in range(answer)],
+        })
+    return examples
+
+
+def reference_ifd(model: Any, examples: list[dict[str, list[int]]]) -> list[float]:
+    """Cherry_LLM style: batch size 1, two full forwards per example, full logits, HF masked-label loss."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for example in examples:
+            losses = []
+            for prefix in (example["context_ids"], example["header_ids"]):
+                ids = torch.tensor([prefix + example["answer_ids"]], device=device)
+                labels = ids.clone()
+                labels[0, : len(prefix)] = -100
+                losses.append(model(input_ids=ids, labels=labels).loss.item())
+            out.append(losses[0] / losses[1])
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, seconds of the process's threads' worth of CPU it actually received)."""
+    sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    sync(device)
+    wall = time.perf_counter() - start
+    received = (time.process_time() - cpu) / torch.get_num_threads() if device == "cpu" else wall
+    return result, wall, received
+
+
+def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = 5) -> tuple[float, float]:
+    """Best FLOP/s of a square matmul in the model's dtype, per wall second and per CPU second received."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    runs = [timed(device, lambda: torch.matmul(a, b))[1:] for _ in range(repeats)]
+    return 2 * size**3 / min(r[0] for r in runs), 2 * size**3 / min(r[1] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64, help="examples (each scored with two passes)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--arch", default="smollm2", choices=["smollm2", "llama7b"])
+    parser.add_argument("--max-tokens-per-batch", type=int, default=0, help="0: 4096 on CPU, 32768 on GPU")
+    parser.add_argument("--ref-n", type=int, default=0, help="examples for the (slow) reference; 0 = all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    budget = args.max_tokens_per_batch or (32768 if args.device == "cuda" else 4096)
+    model = build_model(args.arch, args.device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    examples = make_examples(args.n, model.config.vocab_size, args.seed)
+    ref_examples = examples[: args.ref_n or (args.n if args.device == "cuda" else min(args.n, 32))]
+    tokens = sum(len(e["context_ids"]) + len(e["header_ids"]) + 2 * len(e["answer_ids"]) for e in examples)
+    ref_tokens = sum(len(e["context_ids"]) + len(e["header_ids"]) + 2 * len(e["answer_ids"]) for e in ref_examples)
+
+    size = 8192 if args.device == "cuda" else 2048
+    peak, peak_cpu = matmul_peak(args.device, dtype, size)
+    compute_ifd(model, examples[:4], max_tokens_per_batch=budget)  # warm-up (kernels, allocator)
+    reference_ifd(model, examples[:1])
+    fast, fast_s, fast_cpu = timed(args.device, lambda: compute_ifd(model, examples, max_tokens_per_batch=budget))
+    ref, ref_s, ref_cpu = timed(args.device, lambda: reference_ifd(model, ref_examples))
+    peak_end, peak_cpu_end = matmul_peak(args.device, dtype, size)  # machine load may change during the run
+    peak, peak_cpu = max(peak, peak_end), max(peak_cpu, peak_cpu_end)
+
+    fast_tps, ref_tps = tokens / fast_s, ref_tokens / ref_s
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "arch": args.arch, "dtype": str(dtype).removeprefix("torch."), "params": params, "examples": args.n,
+        "tokens": tokens, "reference_examples": len(ref_examples), "reference_tokens": ref_tokens,
+        "max_tokens_per_batch": budget, "fast_seconds": round(fast_s, 2), "reference_seconds": round(ref_s, 2),
+        "cpu_share_fast": round(fast_cpu / fast_s, 2), "cpu_share_reference": round(ref_cpu / ref_s, 2),
+        "fast_tokens_per_s": round(fast_tps, 1), "reference_tokens_per_s": round(ref_tps, 1),
+        "speedup": round(fast_tps / ref_tps, 2),
+        "matmul_peak_tflops": round(peak / 1e12, 3),
+        "fast_tflops_2PT": round(2 * params * fast_tps / 1e12, 3),
+        "fast_fraction_of_peak": round(2 * params * fast_tps / peak, 3),
+        "reference_fraction_of_peak": round(2 * params * ref_tps / peak, 3),
+        "speedup_per_cpu_second": round((tokens / fast_cpu) / (ref_tokens / ref_cpu), 2),
+        "fast_fraction_of_peak_per_cpu_second": round(2 * params * tokens / fast_cpu / peak_cpu, 3),
+        "reference_fraction_of_peak_per_cpu_second": round(2 * params * ref_tokens / ref_cpu / peak_cpu, 3),
+        "max_abs_ifd_diff_vs_reference": max(abs(f.ifd - r) for f, r in zip(fast, ref)),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

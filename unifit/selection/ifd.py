@@ -1,0 +1,193 @@
+"""Instruction-Following Difficulty (Li et al. 2023), batched and exact.
+
+IFD = cond_loss / direct_loss: the answer's mean token loss given the conversation, over its loss given
+only the assistant header. Both passes are plain "prefix + answer" sequences, so they share one pool:
+sorted by length, cut into batches by a token budget (little padding, big matmuls), right-padded so
+positions need no adjustment. Only the answer positions ever reach the vocabulary projection — the
+decoder body runs on the whole batch, then the hidden states of the positions that carry loss are
+gathered and projected — so the model never materialises full-vocabulary logits for prompt tokens.
+
+`compute_ifd` is the contract (ids in, one result per example out, input order); `score_conversations`
+turns chat instances into those examples with the model's own template (unifit.templates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from unifit.templates import Message, assistant_header_ids, tokenize_conversation
+
+LM_HEAD_ROWS = 4096  # answer positions projected onto the vocabulary at once (bounds the float32 logits buffer)
+
+
+@dataclass(frozen=True)
+class IFDResult:
+    """Scores of one example (one assistant turn)."""
+
+    cond_loss: float
+    direct_loss: float
+    ifd: float
+    ifd_ppl: float
+    n_answer_tokens: int
+
+
+def ifd_ratio(cond_loss: float, direct_loss: float) -> float:
+    return cond_loss / direct_loss if direct_loss > 0 else math.inf
+
+
+def ppl_ratio(cond_loss: float, direct_loss: float) -> float:
+    """exp(cond) / exp(direct), computed as exp(cond - direct) so long random answers cannot overflow."""
+    return math.exp(cond_loss - direct_loss)
+
+
+def plan_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
+    """Indices grouped so that (longest length in batch) x (rows) stays within the budget.
+
+    Sorting by length first means each batch pads only to its own longest row; a sequence longer than
+    the budget gets a batch of its own rather than being refused.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and lengths[index] * (len(current) + 1) > max_tokens_per_batch:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _vocab_logits(model: Any, hidden: Any) -> Any:
+    """lm_head on the gathered rows, float32, with the final-logit transforms some families apply."""
+    logits = model.get_output_embeddings()(hidden).float()
+    scale = getattr(model.config, "logit_scale", None)  # Cohere
+    if scale:
+        logits = logits * scale
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return logits
+
+
+def answer_loss_sums(model: Any, sequences: Sequence[Sequence[int]], n_answer: Sequence[int]) -> list[float]:
+    """Summed -log p of the last `n_answer[i]` tokens of each sequence, one padded forward of the body."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(s) for s in sequences])
+    counts = torch.tensor(list(n_answer))
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(list(s)) for s in sequences], batch_first=True)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    # loss positions: row r predicts its answer from hidden states lengths-counts-1 ... lengths-2
+    rows = torch.repeat_interleave(torch.arange(len(sequences)), counts)
+    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    positions = torch.repeat_interleave(lengths - counts - 1, counts) + within
+    targets = ids[rows, positions + 1].to(device)
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    hidden = hidden[rows.to(device), positions.to(device)]
+    nll = torch.cat([
+        F.cross_entropy(_vocab_logits(model, hidden[i : i + LM_HEAD_ROWS]), targets[i : i + LM_HEAD_ROWS], reduction="none")
+        for i in range(0, hidden.shape[0], LM_HEAD_ROWS)
+    ])
+    sums = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add_(0, rows.to(device), nll.double())
+    return sums.tolist()
+
+
+def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *, max_tokens_per_batch: int = 4096,
+                progress: bool = False) -> list[IFDResult]:
+    """One `IFDResult` per example, in input order (contract in DESIGN.md).
+
+    Each example needs non-empty `answer_ids` and `header_ids` (the direct pass must condition the first
+    answer token on something). Results do not depend on batch size or order beyond float rounding.
+    """
+    import torch
+    from tqdm import tqdm
+
+    sequences: list[list[int]] = []
+    n_answer: list[int] = []
+    for index, example in enumerate(examples):
+        answer = list(example["answer_ids"])
+        if not answer or not example["header_ids"] or not example["context_ids"]:
+            raise ValueError(f"IFD example {index}: context_ids, header_ids and answer_ids must all be non-empty")
+        sequences += [list(example["context_ids"]) + answer, list(example["header_ids"]) + answer]
+        n_answer += [len(answer), len(answer)]
+    sums = [0.0] * len(sequences)
+    batches = plan_batches([len(s) for s in sequences], max_tokens_per_batch)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="IFD", unit="batch", disable=not progress):
+            batch_sums = answer_loss_sums(model, [sequences[i] for i in batch], [n_answer[i] for i in batch])
+            for index, value in zip(batch, batch_sums):
+                sums[index] = value
+    results = []
+    for index in range(len(examples)):
+        n = n_answer[2 * index]
+        cond, direct = sums[2 * index] / n, sums[2 * index + 1] / n
+        results.append(IFDResult(cond, direct, ifd_ratio(cond, direct), ppl_ratio(cond, direct), n))
+    return results
+
+
+@dataclass(frozen=True)
+class ConversationExamples:
+    """IFD examples of one conversation (one per assistant turn) and what over-length handling did."""
+
+    examples: list[dict[str, list[int]]]
+    truncated: bool  # some answer cannot fit in max_length even with the context cut away: not scored
+    context_truncated: bool  # some context was cut from the left to make its answer fit
+
+
+def conversation_examples(tokenizer: Any, messages: Sequence[Message], max_length: int,
+                          header_ids: Sequence[int] | None = None) -> ConversationExamples:
+    """Per assistant turn: context (left-truncated to fit), header and answer ids from the chat template.
+
+    An answer is never cut: if header + answer exceed `max_length` the conversation is marked
+    `truncated` and yields no examples (selection excludes and counts it).
+    """
+    header = list(header_ids) if header_ids is not None else assistant_header_ids(tokenizer)
+    tokenized = tokenize_conversation(tokenizer, messages)
+    examples: list[dict[str, list[int]]] = []
+    context_truncated = False
+    for turn in range(len(tokenized.spans)):
+        answer = tokenized.answer_ids(turn)
+        if len(header) + len(answer) > max_length:
+            return ConversationExamples([], truncated=True, context_truncated=False)
+        context = tokenized.context_ids(turn)
+        room = max_length - len(answer)
+        if len(context) > room:
+            context, context_truncated = context[len(context) - room :], True
+        examples.append({"context_ids": context, "header_ids": header, "answer_ids": answer})
+    return ConversationExamples(examples, truncated=False, context_truncated=context_truncated)
+
+
+def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *, max_length: int,
+                        max_tokens_per_batch: int = 4096, progress: bool = False) -> list[dict[str, Any]]:
+    """Instance-level scores, in input order: losses and IFD are answer-token-weighted means over turns.
+
+    Truncated conversations get NaN scores and `truncated=True`, so they are kept in the table (and
+    counted) but can never be selected.
+    """
+    header = assistant_header_ids(tokenizer)
+    prepared = [conversation_examples(tokenizer, messages, max_length, header) for messages in conversations]
+    flat = [example for item in prepared for example in item.examples]
+    results = iter(compute_ifd(model, flat, max_tokens_per_batch=max_tokens_per_batch, progress=progress))
+    scores: list[dict[str, Any]] = []
+    for item in prepared:
+        turns = [next(results) for _ in item.examples]
+        if item.truncated:
+            nan = math.nan
+            scores.append(dict(cond_loss=nan, direct_loss=nan, ifd=nan, ifd_ppl=nan, n_answer_tokens=0,
+                               truncated=True, context_truncated=False))
+            continue
+        n = sum(t.n_answer_tokens for t in turns)
+        scores.append(dict(
+            cond_loss=sum(t.cond_loss * t.n_answer_tokens for t in turns) / n,
+            direct_loss=sum(t.direct_loss * t.n_answer_tokens for t in turns) / n,
+            ifd=sum(t.ifd * t.n_answer_tokens for t in turns) / n,
+            ifd_ppl=sum(t.ifd_ppl * t.n_answer_tokens for t in turns) / n,
+            n_answer_tokens=n, truncated=False, context_truncated=item.context_truncated,
+        ))
+    return scores
