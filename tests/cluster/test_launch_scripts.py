@@ -1,0 +1,155 @@
+"""launch/ray_env.sh decisions (GPUs per node, port clashes) and launch/cluster_env.py failing fast.
+
+These run the real shell functions with the environments Slurm and a VM give a node; no cluster needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_ENV = REPO / "launch" / "ray_env.sh"
+
+
+def _bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `script` after sourcing ray_env.sh, in exactly `env` (plus a PATH without nvidia-smi)."""
+    clean = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), **env}
+    return subprocess.run(["bash", "-c", f'source "{RAY_ENV}"; {script}'], env=clean, capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("env", "gpus"), [
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_TASK": ""}, "4"),  # --gres=gpu:4
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0,1"}, "2"),  # older Slurm: only the step's devices
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "MIG-GPU-5c89/1/0"}, "1"),  # a MIG slice is one device
+    ({"SLURM_JOB_ID": "7"}, "0"),  # a Slurm step without GPUs gets none, even on a GPU node
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": ""}, "0"),
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "0"),
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8", "UNIFIT_RAY_GPUS": "2"}, "2"),  # explicit override wins
+    ({}, "0"),  # outside Slurm, no CUDA_VISIBLE_DEVICES and no nvidia-smi: a CPU node
+])
+def test_gpus_per_node(env: dict[str, str], gpus: str) -> None:
+    result = _bash("unifit_gpus_here", env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == gpus
+
+
+def test_cpus_per_node_follows_the_allocation() -> None:
+    assert _bash("unifit_cpus_here", {"SLURM_CPUS_ON_NODE": "12"}).stdout.strip() == "12"
+    assert _bash("unifit_cpus_here", {"SLURM_CPUS_ON_NODE": "12", "UNIFIT_RAY_CPUS": "3"}).stdout.strip() == "3"
+
+
+def test_auth_mode_is_explicit_but_overridable() -> None:
+    assert _bash('echo "$RAY_AUTH_MODE"', {}).stdout.strip() == "disabled"
+    assert _bash('echo "$RAY_AUTH_MODE"', {"RAY_AUTH_MODE": "token"}).stdout.strip() == "token"
+
+
+def test_port_in_use_is_refused_with_the_fix() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _bash(f"unifit_check_ports_free {port - 2} {port + 2}", {})
+    assert result.returncode != 0
+    assert f"port {port} is in use" in result.stderr and "UNIFIT_RAY_PORT" in result.stderr
+
+
+def test_cluster_env_fails_fast_when_the_ray_step_died() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "cluster_env.py"), "--nodes", "2", "--timeout", "60",
+         "--watch-pid", str(dead.pid)],
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and time.monotonic() - started < 20
+    assert f"[{dead.pid}] ended before the cluster was up" in result.stderr
+    assert result.stdout == ""  # nothing for the job script to eval
+
+
+def test_cluster_env_times_out_with_a_clear_error() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "cluster_env.py"), "--nodes", "1", "--timeout", "3"],
+                            env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "has 0 of 1 nodes after 3s" in result.stderr
+
+
+def _free_base_port() -> int:
+    """A port P with P, P+1 and P+2 free (a cluster's fixed ports)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))
+            base = probe.getsockname()[1]
+        if base + 2 < 65536 and all(_port_free(port) for port in (base, base + 1, base + 2)):
+            return base
+    raise RuntimeError("no 3 consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _processes_under(path: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if path in cmdline:
+                found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
+def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: Path) -> None:
+    """Head and worker on this host (each its own temp dir): 2 nodes join; ending the 2 processes stops all."""
+    from ray.util import get_node_ip_address
+
+    base = _free_base_port()
+    temp = tempfile.mkdtemp(prefix="unifit-rl-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "UNIFIT_RAY_PORT": str(base), "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_GPUS": "0",
+           "UNIFIT_RAY_START_ARGS": "--object-store-memory=100000000"}
+    address = f"{get_node_ip_address()}:{base}"
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(tmp_path / "head.log", "wb") as log:
+            nodes.append(subprocess.Popen([str(REPO / "launch" / "start_head.sh"), "--include-dashboard=false"], stdout=log, stderr=log,
+                                          env={**env, "UNIFIT_RAY_TMPDIR": f"{temp}/head"}))
+        with open(tmp_path / "worker.log", "wb") as log:
+            nodes.append(subprocess.Popen([str(REPO / "launch" / "join_worker.sh"), address], stdout=log, stderr=log,
+                                          env={**env, "UNIFIT_RAY_TMPDIR": f"{temp}/worker"}))
+        size = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "cluster_env.py"), "--nodes", "2", "--timeout", "90",
+             *[arg for node in nodes for arg in ("--watch-pid", str(node.pid))]],
+            env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120)
+        assert size.returncode == 0, size.stderr + (tmp_path / "head.log").read_text() + (tmp_path / "worker.log").read_text()
+        assert size.stdout.split() == ["export", "UNIFIT_CLUSTER_NODES=2", "UNIFIT_CLUSTER_CPUS=2",
+                                       "UNIFIT_CLUSTER_GPUS=0", "UNIFIT_CPUS_PER_ACTOR=1"]
+        assert list(Path(temp, "head").glob("session_*")) and list(Path(temp, "worker").glob("session_*"))
+    finally:
+        for node in reversed(nodes):  # what ending an srun step does: TERM to the `ray start --block` process
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        leftover = _processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert leftover == [], leftover

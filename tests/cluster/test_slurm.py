@@ -1,0 +1,156 @@
+"""The project's own slurm/unifit.sbatch on a real single-node Slurm (Debian's slurm-wlm + munge).
+
+tests/cluster/slurm_up.sh brings up munged, slurmctld and slurmd under a private directory; the smoke
+experiment is submitted exactly as a user would (`sbatch slurm/unifit.sbatch +experiment=smoke ...`), so the
+Ray head runs in an srun step, the driver joins it through RAY_ADDRESS, and teardown ends the step.
+Without Slurm installed the tests skip, except under CI=true, where a skip would hide a broken CI image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from unifit.config import STAGES
+from unifit.stage import read_json
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM_UP = Path(__file__).with_name("slurm_up.sh")
+TOOLS = ("sbatch", "squeue", "scancel", "scontrol", "srun", "sinfo", "slurmctld", "slurmd", "munged")
+JOB_TIMEOUT_S = 780  # under pytest-timeout's 900 s; the smoke run itself takes a few minutes on 2 cores
+
+
+def _slurm_path() -> str:
+    return os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin"  # slurmctld, slurmd and munged live in sbin
+
+
+def _unavailable() -> str | None:
+    missing = [tool for tool in TOOLS if shutil.which(tool, path=_slurm_path()) is None]
+    if missing:
+        return f"Slurm is not installed (missing {', '.join(missing)}): apt-get install -y slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "a private Slurm needs root (slurmd launches jobs, munged runs as user munge)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[tuple[dict[str, str], Path]]:
+    """A running single-node Slurm: (environment with SLURM_CONF, its private directory); stopped after."""
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests: {reason}")
+        pytest.skip(reason)
+    # Not pytest's tmp_path: munged (user munge) must traverse it, and Ray's socket paths under it stay short.
+    directory = Path(tempfile.mkdtemp(prefix="unifit-slurm-", dir="/tmp"))
+    env = {**os.environ, "PATH": _slurm_path(), "SLURM_CONF": str(directory / "slurm.conf")}
+    try:
+        up = subprocess.run([str(SLURM_UP), "up", str(directory)], capture_output=True, text=True, timeout=90, env=env)
+        assert up.returncode == 0, f"slurm_up.sh failed:\n{up.stdout}\n{up.stderr}"
+        yield env, directory
+    finally:
+        _cancel_all(env)  # a job left running would outlive slurmd (its slurmstepd and Ray keep going)
+        subprocess.run([str(SLURM_UP), "down", str(directory)], timeout=90, env=env)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _cancel_all(env: dict[str, str], timeout: float = 90) -> None:
+    """Cancel every job of this private Slurm and wait until they have left the queue."""
+    def queued() -> list[str]:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=30)
+        return listed.stdout.split() if listed.returncode == 0 else []
+
+    jobs = queued()
+    if jobs:
+        subprocess.run(["scancel", *jobs], env=env, timeout=30)
+    deadline = time.monotonic() + timeout
+    while jobs and time.monotonic() < deadline:
+        time.sleep(1)
+        jobs = queued()
+
+
+def _submit(env: dict[str, str], output: Path, *args: str) -> str:
+    """sbatch the project's template from the repository root, on the CPU node; the job id."""
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--time=00:15:00", f"--output={output}",
+         str(REPO / "slurm" / "unifit.sbatch"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _wait(env: dict[str, str], job: str, output: Path, timeout: float) -> str:
+    """Poll squeue until the job has left the queue (faster than sbatch --wait); the job's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True, timeout=30)
+        if not queue.stdout.strip():
+            return output.read_text() if output.exists() else ""
+        time.sleep(2)
+    subprocess.run(["scancel", job], env=env, timeout=30)
+    tail = output.read_text()[-4000:] if output.exists() else "(no output)"
+    pytest.fail(f"job {job} still running after {timeout:.0f}s; cancelled. Output tail:\n{tail}")
+
+
+def _job_state(env: dict[str, str], job: str) -> tuple[str, str]:
+    """(JobState, ExitCode) of a finished job; slurmctld keeps it for MinJobAge (300 s), no accounting needed."""
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    return fields.get("JobState", shown.stderr.strip()), fields.get("ExitCode", "")
+
+
+def _ray_processes(temp_dir: Path) -> list[str]:
+    """Command lines of live processes that belong to the Ray whose temp dir is `temp_dir`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(temp_dir) in cmdline:
+                found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.slow
+def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+    env, directory = slurm
+    ray_dir = directory / "ray"  # per job, like the default /tmp/ray-unifit-<job id>; short for Ray's sockets
+    env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled",
+           "UNIFIT_RAY_START_ARGS": "--object-store-memory=500000000 --include-dashboard=false"}
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    # Every stage of the smoke run; the Self-Instruct baseline is left out because its bootstrap loop (many
+    # one-prompt rounds) is generation's business, tested there, and would dominate this test's time.
+    job = _submit(env, output, "+experiment=smoke", "cluster=slurm_cpu", f"run_dir={run_dir}", "wandb.mode=disabled",
+                  "generate.self_instruct=false")
+    log = _wait(env, job, output, JOB_TIMEOUT_S)
+
+    assert "unifit.sbatch: driver exited with status 0" in log, log[-4000:]
+    assert _job_state(env, job) == ("COMPLETED", "0:0")
+    for stage in STAGES:
+        assert (run_dir / stage / "manifest.json").is_file(), f"stage {stage} has no manifest; job output:\n{log[-3000:]}"
+    assert set(read_json(run_dir / "timings.json")["stages"]) == set(STAGES)
+    # The driver ran its actors on the job's Ray (worker logs in the per-job temp dir), not on a private one.
+    assert list(ray_dir.glob("session_*/logs/worker-*")), f"no Ray worker logs under {ray_dir}"
+    # Teardown ended the srun step that owned the head: nothing of this job's Ray is left on the host.
+    assert _ray_processes(ray_dir) == []
+
+
+def test_sbatch_config_error_fails_before_ray_starts(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+    env, directory = slurm
+    ray_dir = directory / "ray-bad"
+    output = tmp_path / "job.out"
+    job = _submit({**env, "UNIFIT_RAY_TMPDIR": str(ray_dir)}, output, "+experiment=no_such_experiment")
+    log = _wait(env, job, output, 120)
+
+    assert "no_such_experiment" in log and "driver exited" not in log, log[-3000:]
+    assert _job_state(env, job)[0] == "FAILED"
+    assert not ray_dir.exists()  # no `ray start` was spent on a run that could not compose
