@@ -1,0 +1,160 @@
+"""Self-Instruct baseline (Wang et al. 2023): bootstrap instructions from seed tasks, then answer them.
+
+Same domain, same generator model and the same target size as the concept tree, so the diversity and
+win-rate comparisons measure the method, not the budget. Each round: sample in-context tasks (seed
+tasks plus up to 2 machine-generated ones), ask for new tasks, keep those that pass Wang et al.'s
+heuristic filters and are novel (ROUGE-L F1 <= threshold against every kept task), answer them.
+Novelty is checked only against MinHash-LSH candidates, so the loop stays linear as the pool grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import re
+from collections import Counter
+from typing import Optional
+
+from unifit.config import GenerateConfig
+from unifit.generation.dedup import NearDuplicateIndex
+from unifit.generation.instances import reject_reason
+from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, parse_list
+from unifit.generation.tree import node_id
+from unifit.llm.base import GenerationParams
+from unifit.records import Instance
+
+log = logging.getLogger(__name__)
+
+# Wang et al. drop tasks a text-only model cannot do (images, files, ...); same list as their code.
+UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+STALL_ROUNDS = 3  # rounds in a row without one new instruction before giving up
+CANDIDATE_JACCARD = 0.4  # LSH threshold on word sets; ROUGE-L F1 > 0.7 implies a word Jaccard of roughly >= 0.5
+
+
+def seed_tasks(domain: str, scopes: list[str], templates: list[str]) -> list[str]:
+    """The seed pool: every template instantiated for every scope (deterministic order)."""
+    return [t.format(scope=scope, domain=domain) for scope in scopes for t in templates]
+
+
+def unsuitable(instruction: str) -> Optional[str]:
+    """Wang et al.'s heuristic filters: a report key for a rejected instruction, else None."""
+    words = instruction.split()
+    if len(words) < 3:
+        return "too_short"
+    if len(words) > 150:
+        return "too_long"
+    if not instruction[0].isalnum():
+        return "bad_start"
+    lowered = instruction.casefold()
+    if any(re.search(rf"\b{re.escape(w)}\b", lowered) for w in UNSUITABLE_WORDS):
+        return "unsuitable_keyword"
+    return None
+
+
+class NoveltyFilter:
+    """ROUGE-L novelty against every kept instruction, checked only on MinHash-LSH candidates."""
+
+    def __init__(self, rouge_threshold: float) -> None:
+        from rouge_score import rouge_scorer
+
+        self.threshold = rouge_threshold
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self._index = NearDuplicateIndex(CANDIDATE_JACCARD, shingle_size=1)
+        self._texts: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def max_similarity(self, text: str) -> float:
+        scores = [self._scorer.score(self._texts[key], text)["rougeL"].fmeasure for key in self._index.candidates(text)]
+        return max(scores, default=0.0)
+
+    def remember(self, text: str) -> None:
+        """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
+        key = str(len(self._texts))
+        self._index.insert(key, text)
+        self._texts[key] = text
+
+    def add(self, text: str) -> bool:
+        """Keep `text` if it is novel; True when kept."""
+        if self.max_similarity(text) > self.threshold:
+            return False
+        self.remember(text)
+        return True
+
+
+def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[str, str]]:
+    listed = "\n".join(f"{i}. {task}" for i, task in enumerate(examples, 1))
+    return [{"role": "user", "content": gen.self_instruct_prompt.format(domain=domain, examples=listed, n=gen.self_instruct_new_per_prompt)}]
+
+
+def run_self_instruct(
+    domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, target: int, generator: str, seed: int = 0
+) -> tuple[list[Instance], Counter[str]]:
+    """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones)."""
+    rng = random.Random(seed)
+    seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct_seeds))
+    novelty = NoveltyFilter(gen.self_instruct_rouge)
+    for task in seeds:
+        novelty.remember(task)
+    machine: list[str] = []
+    instances: list[Instance] = []
+    counts: Counter[str] = Counter(seed_tasks=len(seeds))
+    stalled = 0
+    for round_index in range(gen.self_instruct_max_rounds):
+        if len(instances) >= target or stalled >= STALL_ROUNDS:
+            break
+        counts["rounds"] += 1
+        n_prompts = max(1, math.ceil((target - len(instances)) / gen.self_instruct_new_per_prompt))
+        prompts = []
+        for _ in range(n_prompts):
+            n_machine = min(2, len(machine))
+            examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
+            rng.shuffle(examples)
+            prompts.append(_prompt(gen, domain, examples))
+        round_params = dataclasses.replace(params, seed=params.seed + round_index * (gen.max_retries + 1))
+        asked = ask_parsed(generate_fn, prompts, round_params, lambda text: parse_list(text, clean_item), gen.max_retries)
+        counts["instruction_calls"] += sum(a.attempts for a in asked)
+        new: list[str] = []
+        for result in asked:
+            if result.value is None:
+                counts["unparsable_instruction_replies"] += 1
+                continue
+            items = list(result.value)
+            if result.completion.finish_reason == "length" and items:
+                items = items[:-1]
+                counts["truncated_instruction_lists"] += 1
+            for instruction in items:
+                reason = unsuitable(instruction)
+                if reason:
+                    counts[f"instruction_{reason}"] += 1
+                elif not novelty.add(instruction):
+                    counts["instruction_not_novel"] += 1
+                else:
+                    new.append(instruction)
+        machine.extend(new)
+        counts["instructions_kept"] += len(new)
+        stalled = 0 if new else stalled + 1
+        if not new:
+            continue
+        answers = generate_fn([[{"role": "user", "content": task}] for task in new], round_params)
+        counts["answer_calls"] += len(new)
+        for task, completion in zip(new, answers):
+            if completion.finish_reason == "length":
+                counts["answer_truncated"] += 1
+                continue
+            reason = reject_reason(task, completion.text, gen)
+            if reason:
+                counts[f"answer_{reason}"] += 1
+                continue
+            messages = [{"role": "user", "content": task}, {"role": "assistant", "content": completion.text.strip()}]
+            instances.append(Instance(messages=messages, leaf_id=node_id([domain]), concept_path=[domain],
+                                      source="self_instruct", generator=generator))
+        log.info("self-instruct round %d: %d new instructions, %d/%d instances", round_index + 1, len(new), len(instances), target)
+    counts["stopped_below_target"] = int(len(instances) < target)
+    instances = instances[:target]
+    counts["instances"] = len(instances)
+    return instances, counts

@@ -1,0 +1,180 @@
+"""Generate stage: concept tree -> leaf instances (sharded, resumable) -> global dedup -> Self-Instruct baseline.
+
+Layout under <run_dir>/generate/:
+  tree.json, tree.png      the tree, built once and reused by a resumed run
+  raw/shard-XXXXX.*        per chunk of `shard_size` leaves: filtered instances (+ .json with the leaf ids
+                           and counts); a shard whose .parquet exists is finished and never redone
+  instances/               the final set: raw shards, in shard order, through MinHash-LSH question dedup
+                           (a cheap deterministic pass, rerun in full, so resume cannot change its result)
+  self_instruct/           the baseline (report.json there marks it finished)
+  report.json              every count
+With `data.path` set, the user's data is imported into instances/ instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from unifit.config import UnifitConfig
+from unifit.generation.dedup import NearDuplicateIndex, first_question
+from unifit.generation.instances import generate_leaf_instances
+from unifit.generation.parsing import GenerateFn
+from unifit.generation.self_instruct import run_self_instruct
+from unifit.generation.tree import Tree, build_tree, draw_tree
+from unifit.llm.base import GenerationParams
+from unifit.records import read_parquet, write_instances
+from unifit.stage import StageContext, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_OUTPUT_BACKENDS = ("openai", "vllm")
+
+
+def generation_params(cfg: UnifitConfig) -> GenerationParams:
+    return GenerationParams(max_new_tokens=cfg.backend.max_new_tokens, temperature=cfg.backend.temperature, top_p=cfg.backend.top_p,
+                            repetition_penalty=cfg.backend.repetition_penalty, seed=cfg.seed)
+
+
+def ray_generate_fn(cfg: UnifitConfig) -> GenerateFn:
+    """The production generate_fn: every call is one Ray Data job over the actor pool, through the completion cache."""
+    from unifit.llm.ray_generate import generate_with_ray
+
+    def generate(conversations: list[list[dict[str, str]]], params: GenerationParams):
+        return generate_with_ray(cfg, conversations, params)
+
+    return generate
+
+
+def load_or_build_tree(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateFn, params: GenerationParams) -> Tree:
+    """The tree is written once; a resumed run must shard the same leaves, so it never regenerates it."""
+    path = out_dir / "tree.json"
+    if path.exists():
+        return Tree.from_json(read_json(path))
+    json_mode = cfg.generate.json_mode and cfg.backend.name in STRUCTURED_OUTPUT_BACKENDS
+    tree = build_tree(cfg.domain, cfg.generate, generate_fn, params, json_mode=json_mode)
+    write_json(path, tree.to_json())
+    return tree
+
+
+def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generate_fn: GenerateFn, params: GenerationParams) -> tuple[list[Path], Counter[str]]:
+    """One shard per chunk of leaves, written as soon as its chunk is done; finished shards are skipped."""
+    from tqdm import tqdm
+
+    leaves = tree.leaves()
+    size = cfg.generate.shard_size
+    chunks = [leaves[s : s + size] for s in range(0, len(leaves), size)]
+    raw = out_dir / "raw"
+    counts: Counter[str] = Counter()
+    shards: list[Path] = []
+    for index, chunk in enumerate(tqdm(chunks, desc="leaf shards", unit="shard")):
+        shard, meta = raw / f"shard-{index:05d}.parquet", raw / f"shard-{index:05d}.json"
+        leaf_ids = [leaf.id for leaf in chunk]
+        if shard.exists() and meta.exists() and read_json(meta)["leaf_ids"] == leaf_ids:
+            counts.update(read_json(meta)["counts"])
+            counts["shards_resumed"] += 1
+        else:
+            instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generate_fn, params, cfg.model.name)
+            write_json(meta, {"leaf_ids": leaf_ids, "counts": dict(chunk_counts)})  # before the parquet that marks the shard done
+            write_instances(instances, shard)
+            counts.update(chunk_counts)
+            counts["shards_generated"] += 1
+        shards.append(shard)
+    return shards, counts
+
+
+def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counter[str]:
+    """Drop near-duplicate questions across the whole set, keeping the first in shard order; one output shard per raw shard."""
+    from tqdm import tqdm
+
+    index = NearDuplicateIndex(cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
+    out.mkdir(parents=True, exist_ok=True)
+    expected = {shard.name for shard in raw_shards}
+    for stale in out.glob("*.parquet"):
+        if stale.name not in expected:
+            stale.unlink()
+    counts: Counter[str] = Counter()
+    for shard in tqdm(raw_shards, desc="dedup", unit="shard"):
+        rows = read_parquet(shard)
+        kept = [row for row in rows if index.add(row["id"], first_question(row["messages"]))]
+        counts["near_duplicates"] += len(rows) - len(kept)
+        counts["kept"] += len(kept)
+        write_instances(kept, out / shard.name)
+    return counts
+
+
+def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateFn, params: GenerationParams, tree_count: int) -> dict[str, Any]:
+    target = cfg.generate.self_instruct_target or tree_count
+    folder = out_dir / "self_instruct"
+    marker = folder / "report.json"
+    if marker.exists() and read_json(marker).get("target") == target:
+        return read_json(marker)
+    for stale in folder.glob("*.parquet"):
+        stale.unlink()
+    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generate_fn, params, target, cfg.model.name, cfg.seed)
+    size = cfg.generate.shard_size
+    for shard, start in enumerate(range(0, max(len(instances), 1), size)):
+        write_instances(instances[start : start + size], folder / f"shard-{shard:05d}.parquet")
+    report = {"target": target, **counts}
+    write_json(marker, report)
+    return report
+
+
+def import_data(ctx: StageContext) -> dict[str, Any]:
+    """Bring-your-own data: the imported instances replace generation (selection-only runs)."""
+    from unifit.data_import import import_instances
+
+    cfg = ctx.cfg
+    instances, report = import_instances(cfg.data.path, cfg.data.format, cfg.data.lenient)
+    out = ctx.out_dir / "instances"
+    for stale in out.glob("*.parquet"):
+        stale.unlink()
+    size = cfg.generate.shard_size
+    for shard, start in enumerate(range(0, max(len(instances), 1), size)):
+        write_instances(instances[start : start + size], out / f"shard-{shard:05d}.parquet")
+    write_json(ctx.out_dir / "report.json", {"source": "import", "path": str(cfg.data.path), "instances": len(instances), "import": report})
+    return {"instances": len(instances), "import_rows": report["rows"], "import_duplicates": report["duplicates"],
+            "import_skipped": sum(report["skipped"].values())}
+
+
+def run(ctx: StageContext, generate_fn: Optional[GenerateFn] = None) -> dict[str, Any]:
+    """Build (or resume) the concept-tree data set and the Self-Instruct baseline; returns the headline counts."""
+    cfg = ctx.cfg
+    if cfg.data.path:
+        return import_data(ctx)
+    generate_fn = generate_fn or ray_generate_fn(cfg)
+    params = generation_params(cfg)
+    out_dir = ctx.out_dir
+
+    tree = load_or_build_tree(cfg, out_dir, generate_fn, params)
+    if not (out_dir / "tree.png").exists():
+        draw_tree(tree, out_dir / "tree.png")
+    raw_shards, leaf_counts = generate_raw_shards(cfg, out_dir, tree, generate_fn, params)
+    dedup_counts = dedup_shards(cfg, raw_shards, out_dir / "instances")
+    report: dict[str, Any] = {
+        "tree": tree.counts,
+        "leaf_counts_per_scope": tree.leaf_counts_per_scope(),
+        "leaf_generation": dict(sorted(leaf_counts.items())),
+        "dedup": dict(dedup_counts),
+        "instances": dedup_counts["kept"],
+    }
+    if cfg.generate.self_instruct:
+        report["self_instruct"] = build_self_instruct(cfg, out_dir, generate_fn, params, dedup_counts["kept"])
+    write_json(out_dir / "report.json", report)
+    log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts["kept"], tree.counts["leaves"],
+             dedup_counts["near_duplicates"])
+    result: dict[str, Any] = {
+        "instances": dedup_counts["kept"],
+        "leaves": tree.counts["leaves"],
+        "nodes": tree.counts["nodes"],
+        "near_duplicates": dedup_counts["near_duplicates"],
+        "expansion_failed": tree.counts["expansion_failed"],
+    }
+    for key in ("unparsable_leaf_replies", "truncated", "refusal", "too_short", "too_long", "empty", "followup_unparsable",
+                "followup_truncated", "shards_generated", "shards_resumed"):
+        result[key] = leaf_counts.get(key, 0)
+    if cfg.generate.self_instruct:
+        result["self_instruct_instances"] = report["self_instruct"]["instances"]
+    return result
