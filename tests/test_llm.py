@@ -156,3 +156,18 @@ def test_generate_with_ray_is_ordered_cached_and_actor_count_independent(
     monkeypatch.setattr(ray_generate, "_run_actor_pool", no_dispatch)
     again = run(1, tmp_path / "a")
     assert [c.text for c in again] == [c.text for c in one]
+
+
+def test_small_calls_in_driver_match_the_actor_pool(tiny_model_cfg, cache_dir: Path, ray_local: None) -> None:
+    from unifit.config import BackendConfig, ClusterConfig, UnifitConfig
+    from unifit.llm.ray_generate import generate_with_ray
+
+    conversations = [[{"role": "user", "content": f"Name threat number {i}."}] for i in range(3)]
+    params = GenerationParams(max_new_tokens=4, temperature=0.0)
+
+    def run(driver_max: int) -> list[str]:
+        cfg = UnifitConfig(model=tiny_model_cfg, backend=BackendConfig(batch_size=2, cache=False), cache_dir=str(cache_dir),
+                           cluster=ClusterConfig(generation_actors=2, driver_generation_max=driver_max))
+        return [c.text for c in generate_with_ray(cfg, conversations, params)]
+
+    assert run(driver_max=8) == run(driver_max=0)

@@ -88,6 +88,7 @@ class ClusterConfig:
     scoring_actors: int = 2  # IFD scoring actors (one scoring model each: per GPU on a cluster, per CPU locally)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    driver_generation_max: int = 0  # calls with at most this many conversations run on a model in the driver (local CPU: skips ~15 s of actor start-up); 0 = all through Ray Data
     train_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
     use_gpu: bool = False  # Ray Train workers ask for a GPU each
 
@@ -95,6 +96,7 @@ class ClusterConfig:
         _check(self.name in ("local", "slurm", "ray"), "cluster.name", f"got {self.name!r}; use local, slurm or ray")
         for name in ("generation_actors", "scoring_actors", "train_workers"):
             _check(getattr(self, name) >= 1, f"cluster.{name}", "must be >= 1")
+        _check(self.driver_generation_max >= 0, "cluster.driver_generation_max", "must be >= 0 (0 = every call through Ray Data)")
 
 
 @dataclass
@@ -115,6 +117,10 @@ class GenerateConfig:
     self_instruct_target: int = 0  # 0 = as many instances as the concept tree produced
     subconcept_prompt: str = "Please generate {n} sub-concepts for {concept} in the domain of {domain}. Reply with a numbered list, one concept per line, nothing else."
     leaf_prompt: str = "Please generate {q} questions for {leaf} ({path}) and provide answers. Use the format:\nQuestion 1: ...\nAnswer 1: ...\nQuestion 2: ...\nAnswer 2: ..."
+    leaf_mode: str = "joint"  # joint: the paper's Q&A-in-one-reply prompt | two_step: list questions, then ask each (for small generators)
+    answer_system_prompt: str = ""  # system prompt while answers are generated (not stored in instances), e.g. "Answer briefly, in one short paragraph."; also used for Self-Instruct answers
+    leaf_questions_prompt: str = "Please generate {q} questions about {leaf} ({path}) in {domain}. Reply with a numbered list of questions only."
+    followup_question_prompt: str = "Based on the question \"{question}\", generate a new question that is highly likely to be asked next. Reply with the question only."
     followup_prompt: str = "Based on the question \"{question}\", generate a new question that is highly likely to be asked next, and provide the answer. Use the format:\nQuestion: ...\nAnswer: ..."
     dedup_shingle_words: int = 2  # word n-gram size of the MinHash shingles used for question dedup
     json_mode: bool = True  # ask for JSON sub-concept lists where the backend supports structured output (openai, vllm); json_hint is then appended
@@ -140,6 +146,7 @@ class GenerateConfig:
         _check(0 < self.dedup_threshold <= 1, "generate.dedup_threshold", "must be in (0, 1]")
         _check(self.min_answer_chars < self.max_answer_chars, "generate.min_answer_chars", "must be below generate.max_answer_chars")
         _check(self.shard_size >= 1, "generate.shard_size", "must be >= 1")
+        _check(self.leaf_mode in ("joint", "two_step"), "generate.leaf_mode", f"got {self.leaf_mode!r}; use joint or two_step")
         _check(self.dedup_shingle_words >= 1, "generate.dedup_shingle_words", "must be >= 1")
         _check(self.self_instruct_examples >= 1 and self.self_instruct_new_per_prompt >= 1, "generate.self_instruct_examples",
                "self_instruct_examples and self_instruct_new_per_prompt must be >= 1")

@@ -62,3 +62,47 @@ def test_failed_followup_ends_conversation_early_and_is_counted(tmp_path) -> Non
     instances, counts = generate_leaf_instances(leaves, gen, model, GenerationParams(), "m")
     assert sorted(len(i.messages) for i in instances) == [2, 4]
     assert counts["followup_too_short"] == 1 and counts["short_conversations"] == 1 and counts["followups_kept"] == 1
+
+
+def two_step_replies(prompt: str, seed: int) -> Completion | None:
+    """SmolLM2-like behaviour: lists questions fine, answers direct questions, ignores follow-up instructions half the time."""
+    import re
+
+    if m := re.match(r"Please generate (\d+) questions about (.+?) \(", prompt):
+        leaf = m.group(2)
+        items = [f"{i}. How does {leaf} use {pseudo_word(leaf, str(i)).lower()} in practice?" for i in range(1, int(m.group(1)) + 2)]
+        return Completion("\n".join(items), "stop", 30)  # one question more than asked for
+    if m := re.match(r'Based on the question "(.+?)", generate a new question', prompt):
+        if "1" in pseudo_word(m.group(1)) or len(m.group(1)) % 2:
+            return Completion("I'm ready when you are! What can I help you with today", "stop", 12)
+        return Completion(f"Question: What comes after {pseudo_word(m.group(1)).lower()} is configured?", "stop", 12)
+    if prompt.endswith("?"):
+        if "2" in prompt.split("use")[0]:
+            return Completion("An answer that ran out of tokens", "length", 200)
+        return Completion(f"It works by checking {pseudo_word(prompt).lower()} at every step and logging it.", "stop", 20)
+    return None
+
+
+def test_two_step_mode_lists_questions_then_answers_each(tmp_path) -> None:
+    gen, leaves = leaves_of(tmp_path, turns=2, questions_per_leaf=2, leaf_mode="two_step", max_retries=1)
+    model = Scripted(override=two_step_replies)
+    followup_context_lengths: list[int] = []
+
+    def recording(conversations, params):
+        followup_context_lengths.extend(len(c) for c in conversations if c[-1]["content"].startswith("What comes after"))
+        return model(conversations, params)
+
+    instances, counts = generate_leaf_instances(leaves, gen, recording, GenerationParams(), "smollm2_135m")
+    assert counts["dropped_over_q"] == len(leaves)  # the third listed question is cut to q=2
+    asked_directly = [p for p in model.calls if p.endswith("?") and not p.startswith(("Please", "Based"))]
+    assert len(asked_directly) >= 2 * len(leaves)
+    assert counts["pairs_kept"] + counts["truncated"] == 2 * len(leaves)
+    kept_followups = counts["followups_kept"]
+    assert kept_followups + counts["followup_unparsable"] + counts["followup_truncated"] == counts["pairs_kept"]
+    assert len(instances) == counts["pairs_kept"]
+    two_turn = [inst for inst in instances if len(inst.messages) == 4]
+    assert len(two_turn) == kept_followups > 0
+    for inst in two_turn:
+        assert inst.messages[2]["content"].startswith("What comes after") and inst.messages[2]["content"].endswith("?")
+        assert inst.messages[3]["content"].startswith("It works by checking")
+    assert followup_context_lengths and set(followup_context_lengths) == {3}  # asked with the first turn as context

@@ -7,11 +7,12 @@ unparsable (after retries), truncated (finish_reason "length"), refusal, empty, 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Optional, Sequence
 
 from unifit.config import GenerateConfig
-from unifit.generation.parsing import GenerateFn, ask_parsed, is_refusal, parse_qa
+from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, is_refusal, parse_list, parse_qa
 from unifit.generation.tree import Node
 from unifit.llm.base import Conversation, GenerationParams
 from unifit.records import Instance
@@ -39,64 +40,146 @@ def reject_reason(question: str, answer: str, gen: GenerateConfig) -> Optional[s
     return None
 
 
+def parse_question(text: str) -> Optional[str]:
+    """The first line that reads as a question ("Question:" labels and list markers removed); None if none does."""
+    for line in text.splitlines():
+        item = re.sub(r"^(?:new\s+)?(?:question|q)\s*\d*\s*[:.-]\s*", "", clean_item(line), flags=re.IGNORECASE)
+        if item.endswith("?") and len(item.split()) >= 3:
+            return item
+    return None
+
+
+def with_answer_system_prompt(gen: GenerateConfig, conversation: Conversation) -> Conversation:
+    """The conversation as sent for an answer: `answer_system_prompt` first when set (never stored in the instance)."""
+    return ([{"role": "system", "content": gen.answer_system_prompt}] if gen.answer_system_prompt else []) + list(conversation)
+
+
+def _answer(conversations: list[Conversation], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+            counts: Counter[str], prefix: str) -> list[Optional[str]]:
+    """Answers from the model asked directly (two-step mode); a cut-off answer is counted and dropped."""
+    if not conversations:
+        return []
+    completions = generate_fn([with_answer_system_prompt(gen, c) for c in conversations], params)
+    counts[f"{prefix}answer_calls"] += len(completions)
+    answers: list[Optional[str]] = []
+    for completion in completions:
+        if completion.finish_reason == "length":
+            counts[f"{prefix}truncated"] += 1
+            answers.append(None)
+        else:
+            answers.append(completion.text.strip())
+    return answers
+
+
+def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+                 counts: Counter[str]) -> list[tuple[Node, str, str]]:
+    """The paper's prompt: q questions with answers in one reply per leaf."""
+    asked = ask_parsed(generate_fn, [leaf_conversation(gen, leaf) for leaf in leaves], params, parse_qa, gen.max_retries)
+    counts["leaf_calls"] += sum(a.attempts for a in asked)
+    counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
+    pairs: list[tuple[Node, str, str]] = []
+    for leaf, result in zip(leaves, asked):
+        if result.value is None:
+            counts["unparsable_leaf_replies"] += 1
+            continue
+        leaf_pairs = list(result.value)
+        if result.completion.finish_reason == "length":
+            leaf_pairs = leaf_pairs[:-1]
+            counts["truncated"] += 1
+        if len(leaf_pairs) > gen.questions_per_leaf:
+            counts["dropped_over_q"] += len(leaf_pairs) - gen.questions_per_leaf
+            leaf_pairs = leaf_pairs[: gen.questions_per_leaf]
+        pairs.extend((leaf, question, answer) for question, answer in leaf_pairs)
+    return pairs
+
+
+def _two_step_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+                    counts: Counter[str]) -> list[tuple[Node, str, str]]:
+    """Small generators: q questions as a list per leaf, then each question asked directly for its answer."""
+    prompts = [[{"role": "user", "content": gen.leaf_questions_prompt.format(
+        q=gen.questions_per_leaf, leaf=leaf.concept, path=" > ".join(leaf.path), domain=leaf.path[0])}] for leaf in leaves]
+    asked = ask_parsed(generate_fn, prompts, params, lambda text: parse_list(text, clean=clean_item), gen.max_retries)
+    counts["leaf_calls"] += sum(a.attempts for a in asked)
+    counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
+    questions: list[tuple[Node, str]] = []
+    for leaf, result in zip(leaves, asked):
+        if result.value is None:
+            counts["unparsable_leaf_replies"] += 1
+            continue
+        items = list(result.value)
+        if result.completion.finish_reason == "length":
+            items = items[:-1]  # the last item is where the cut happened
+            counts["truncated_question_lists"] += 1
+        if len(items) > gen.questions_per_leaf:
+            counts["dropped_over_q"] += len(items) - gen.questions_per_leaf
+            items = items[: gen.questions_per_leaf]
+        questions.extend((leaf, item) for item in items)
+    answers = _answer([[{"role": "user", "content": q}] for _, q in questions], gen, generate_fn, params, counts, "")
+    return [(leaf, q, a) for (leaf, q), a in zip(questions, answers) if a is not None]
+
+
+def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConfig, generate_fn: GenerateFn,
+               params: GenerationParams, counts: Counter[str]) -> None:
+    """Extend conversations by `gen.turns - 1` follow-up turns in place; a failed follow-up ends that conversation."""
+    active = list(range(len(conversations)))
+    for _turn in range(2, gen.turns + 1):
+        if not active:
+            break
+        last_questions = [conversations[i][1][-2]["content"] for i in active]
+        if gen.leaf_mode == "two_step":
+            prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
+            asked = ask_parsed(generate_fn, prompts, params, parse_question, gen.max_retries)
+        else:
+            asked = ask_parsed(generate_fn, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries)
+        counts["followup_calls"] += sum(a.attempts for a in asked)
+        counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
+        candidates: list[tuple[int, str, Optional[str]]] = []
+        for index, result in zip(active, asked):
+            if result.value is None:
+                counts["followup_unparsable"] += 1
+            elif result.completion.finish_reason == "length" and gen.leaf_mode != "two_step":
+                counts["followup_truncated"] += 1
+            elif gen.leaf_mode == "two_step":
+                candidates.append((index, result.value, None))
+            else:
+                question, answer = result.value[0]
+                candidates.append((index, question, answer))
+        if gen.leaf_mode == "two_step":  # answer each follow-up with the whole conversation so far as context
+            contexts = [conversations[i][1] + [{"role": "user", "content": q}] for i, q, _ in candidates]
+            answers = _answer(contexts, gen, generate_fn, params, counts, "followup_")
+            candidates = [(i, q, a) for (i, q, _), a in zip(candidates, answers) if a is not None]
+        still: list[int] = []
+        for index, question, answer in candidates:
+            reason = reject_reason(question, answer or "", gen)
+            if reason:
+                counts[f"followup_{reason}"] += 1
+                continue
+            conversations[index][1].extend([{"role": "user", "content": question}, {"role": "assistant", "content": answer or ""}])
+            counts["followups_kept"] += 1
+            still.append(index)
+        active = still
+
+
 def generate_leaf_instances(
     leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, generator: str
 ) -> tuple[list[Instance], Counter[str]]:
     """Instances for a chunk of leaves: q single-turn pairs per leaf, then `gen.turns - 1` follow-up turns each.
 
-    A truncated reply keeps its complete pairs and drops the last one (it is where the cut happened). A
-    follow-up that fails ends that conversation early (the turns it has are kept; counted under followup_*).
+    `leaf_mode=joint` is the paper's one-reply Q&A prompt; `two_step` lists questions, then asks each one,
+    which small generators follow far more reliably. A truncated reply keeps its complete items and drops
+    the last (where the cut happened). Every rejected pair and failed follow-up is counted.
     """
     counts: Counter[str] = Counter()
-    asked = ask_parsed(generate_fn, [leaf_conversation(gen, leaf) for leaf in leaves], params, parse_qa, gen.max_retries)
-    counts["leaf_calls"] += sum(a.attempts for a in asked)
-    counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
+    pair_source = _two_step_pairs if gen.leaf_mode == "two_step" else _joint_pairs
     conversations: list[tuple[Node, Conversation]] = []
-    for leaf, result in zip(leaves, asked):
-        if result.value is None:
-            counts["unparsable_leaf_replies"] += 1
-            continue
-        pairs = list(result.value)
-        if result.completion.finish_reason == "length":
-            pairs = pairs[:-1]
-            counts["truncated"] += 1
-        if len(pairs) > gen.questions_per_leaf:
-            counts["dropped_over_q"] += len(pairs) - gen.questions_per_leaf
-            pairs = pairs[: gen.questions_per_leaf]
-        for question, answer in pairs:
-            reason = reject_reason(question, answer, gen)
-            if reason:
-                counts[reason] += 1
-            else:
-                conversations.append((leaf, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]))
+    for leaf, question, answer in pair_source(leaves, gen, generate_fn, params, counts):
+        reason = reject_reason(question, answer, gen)
+        if reason:
+            counts[reason] += 1
+        else:
+            conversations.append((leaf, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]))
     counts["pairs_kept"] += len(conversations)
-
-    active = list(range(len(conversations)))
-    for _turn in range(2, gen.turns + 1):
-        if not active:
-            break
-        prompts = [followup_conversation(gen, conversations[i][1][-2]["content"]) for i in active]
-        asked = ask_parsed(generate_fn, prompts, params, parse_qa, gen.max_retries)
-        counts["followup_calls"] += sum(a.attempts for a in asked)
-        counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
-        still: list[int] = []
-        for index, result in zip(active, asked):
-            if result.value is None:
-                counts["followup_unparsable"] += 1
-                continue
-            if result.completion.finish_reason == "length":
-                counts["followup_truncated"] += 1
-                continue
-            question, answer = result.value[0]
-            reason = reject_reason(question, answer, gen)
-            if reason:
-                counts[f"followup_{reason}"] += 1
-                continue
-            conversations[index][1].extend([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-            counts["followups_kept"] += 1
-            still.append(index)
-        active = still
-
+    _followups(conversations, gen, generate_fn, params, counts)
     instances = [Instance(messages=messages, leaf_id=leaf.id, concept_path=list(leaf.path), source="concept_tree", generator=generator)
                  for leaf, messages in conversations]
     counts["instances"] += len(instances)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from unifit.config import GenerateConfig
 from unifit.generation.dedup import NearDuplicateIndex
-from unifit.generation.instances import reject_reason
+from unifit.generation.instances import reject_reason, with_answer_system_prompt
 from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, parse_list
 from unifit.generation.tree import node_id
 from unifit.llm.base import GenerationParams
@@ -140,7 +140,7 @@ def run_self_instruct(
         stalled = 0 if new else stalled + 1
         if not new:
             continue
-        answers = generate_fn([[{"role": "user", "content": task}] for task in new], round_params)
+        answers = generate_fn([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in new], round_params)
         counts["answer_calls"] += len(new)
         for task, completion in zip(new, answers):
             if completion.finish_reason == "length":

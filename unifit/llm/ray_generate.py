@@ -1,5 +1,9 @@
 """Run any backend over many conversations with Ray Data, in input order, through the completion cache.
 
+On a local CPU cluster, calls no bigger than `cluster.driver_generation_max` run on a model in the driver:
+a Ray Data job pays ~15 s of actor start-up (process, imports, model load), which dominates tree levels,
+Self-Instruct rounds and retries of a few prompts each.
+
 hf/openai: `map_batches` over an actor pool (one model per actor); every Ray Data item is one batch formed
 here in the driver, so the same prompts meet the same batch and seed whatever the number of actors.
 vllm: a `ray.data.llm` processor with one engine per `cluster.generation_actors`.
@@ -8,6 +12,7 @@ vllm: a `ray.data.llm` processor with one engine per `cluster.generation_actors`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -92,6 +97,29 @@ def _run_actor_pool(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Se
     return [c for c in results if c is not None]
 
 
+@functools.lru_cache(maxsize=1)
+def _driver_model(backend_json: str, model_json: str, cache_dir: str) -> ChatModel:
+    """The driver's own model for small calls, kept while consecutive calls use the same one."""
+    from unifit.config import from_container
+
+    cfg = from_container({"backend": json.loads(backend_json), "model": json.loads(model_json)})
+    return build_chat_model(cfg.backend, cfg.model, cache_dir)
+
+
+def _run_in_driver(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence[Conversation],
+                   params: GenerationParams) -> list[Completion]:
+    """Same batches and seeds as the actor pool would use, so results do not depend on where a call ran."""
+    from unifit.llm.base import complete
+
+    model = _driver_model(json.dumps(dataclasses.asdict(cfg.backend), sort_keys=True),
+                          json.dumps(dataclasses.asdict(model_cfg), sort_keys=True), cfg.cache_dir)
+    size = cfg.backend.batch_size
+    results: list[Completion] = []
+    for start in range(0, len(conversations), size):
+        results.extend(complete(model, list(conversations[start : start + size]), params))
+    return results
+
+
 def _run_vllm(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence[Conversation],
               params: GenerationParams) -> list[Completion]:
     import ray
@@ -123,12 +151,13 @@ def generate_with_ray(cfg: UnifitConfig, conversations: Sequence[Conversation], 
     missing = [i for i, key in enumerate(keys) if key not in found]
     log.info("%s: %d conversations, %d cached, %d to generate", desc, len(keys), len(keys) - len(missing), len(missing))
     if missing:
-        ensure_ray(cfg.cluster)
         todo = [conversations[i] for i in missing]
-        if cfg.backend.name == "vllm":
-            fresh = _run_vllm(cfg, model_cfg, todo, params)
+        if cfg.backend.name != "vllm" and len(todo) <= cfg.cluster.driver_generation_max:
+            fresh = _run_in_driver(cfg, model_cfg, todo, params)
         else:
-            fresh = _run_actor_pool(cfg, model_cfg, todo, params, desc)
+            ensure_ray(cfg.cluster)
+            run_on_ray = _run_vllm if cfg.backend.name == "vllm" else functools.partial(_run_actor_pool, desc=desc)
+            fresh = run_on_ray(cfg, model_cfg, todo, params)
         new = {keys[i]: c for i, c in zip(missing, fresh)}
         if cache:
             cache.put_many({k: c for k, c in new.items() if c.finish_reason != "error"})
