@@ -114,3 +114,19 @@ def test_shared_dir_computes_common_stages_once(tmp_path: Path, recorder: Record
     assert (tmp_path / "ratio_b" / "generate").resolve() == (tmp_path / "ratio_a" / "generate").resolve()
     timings = json.loads((tmp_path / "ratio_b" / "timings.json").read_text())
     assert timings["stages"]["score"]["shared"] is True and timings["stages"]["score"]["seconds"] >= 0
+
+
+def test_editing_the_imported_data_file_reruns_from_generate(tmp_path: Path, recorder: Recorder) -> None:
+    from unifit.config import DataConfig
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = make_cfg(tmp_path / "run", data=DataConfig(path=str(data)), stages=["generate", "sample"])
+    pipeline.run(cfg)
+    pipeline.run(cfg)
+    assert recorder.calls == ["generate", "sample"]
+    data.write_text('{"instruction": "a", "output": "c"}\n')
+    pipeline.run(cfg)
+    assert recorder.calls == ["generate", "sample", "generate", "sample"]
+    with pytest.raises(UserError, match="data.path"):
+        pipeline.run(make_cfg(tmp_path / "run", data=DataConfig(path=str(tmp_path / "missing.jsonl"))))

@@ -133,6 +133,7 @@ class GenerateConfig:
     self_instruct_prompt: str = "Here are some example tasks about {domain}:\n{examples}\nCome up with {n} new tasks about {domain} that are different from the examples. Reply with a numbered list, one task per line, nothing else."
     self_instruct_examples: int = 8  # in-context tasks per prompt (Wang et al.: 6 seed + 2 machine-generated)
     self_instruct_new_per_prompt: int = 4  # new instructions requested per prompt
+    self_instruct_prompts_per_round: int = 4  # at least this many prompts per bootstrap round, in one batched call (small models give ~1 novel task per prompt)
     self_instruct_rouge: float = 0.7  # reject an instruction whose ROUGE-L F1 with any kept one exceeds this (Wang et al.: 0.7)
     self_instruct_max_rounds: int = 50  # stop bootstrapping after this many rounds even below target (model out of ideas)
 
@@ -148,6 +149,7 @@ class GenerateConfig:
         _check(self.shard_size >= 1, "generate.shard_size", "must be >= 1")
         _check(self.leaf_mode in ("joint", "two_step"), "generate.leaf_mode", f"got {self.leaf_mode!r}; use joint or two_step")
         _check(self.dedup_shingle_words >= 1, "generate.dedup_shingle_words", "must be >= 1")
+        _check(self.self_instruct_prompts_per_round >= 1, "generate.self_instruct_prompts_per_round", "must be >= 1")
         _check(self.self_instruct_examples >= 1 and self.self_instruct_new_per_prompt >= 1, "generate.self_instruct_examples",
                "self_instruct_examples and self_instruct_new_per_prompt must be >= 1")
         _check(0 < self.self_instruct_rouge <= 1, "generate.self_instruct_rouge", "must be in (0, 1]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib
 import logging
 import shutil
@@ -52,14 +53,27 @@ def _section(cfg: UnifitConfig, dotted: str) -> Any:
     return value
 
 
+def _file_digest(path: str) -> str:
+    """Content hash of an input file, so editing `data.path` in place reruns what depends on it."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise UserError(f"data.path: cannot read {path!r} ({error.strerror}); check the path") from None
+    return digest.hexdigest()
+
+
 def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
     """Fingerprint of every stage, in pipeline order (upstream fingerprints feed downstream ones)."""
+    inputs = {"generate": {"data_file": _file_digest(cfg.data.path)}} if cfg.data.path else {}
     prints: dict[str, str] = {}
     for stage in STAGES:
         sections, upstream, _ = STAGE_SPECS[stage]
         prints[stage] = fingerprint({
             "stage": stage, "config": {s: _section(cfg, s) for s in sections},
-            "upstream": {u: prints[u] for u in upstream},
+            "upstream": {u: prints[u] for u in upstream}, "inputs": inputs.get(stage, {}),
         })
     return prints
 

@@ -108,7 +108,7 @@ def run_self_instruct(
         if len(instances) >= target or stalled >= STALL_ROUNDS:
             break
         counts["rounds"] += 1
-        n_prompts = max(1, math.ceil((target - len(instances)) / gen.self_instruct_new_per_prompt))
+        n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil((target - len(instances)) / gen.self_instruct_new_per_prompt))
         prompts = []
         for _ in range(n_prompts):
             n_machine = min(2, len(machine))
