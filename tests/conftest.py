@@ -13,7 +13,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from tests (the network is closed)
 
-from unifit.config import ModelConfig  # noqa: E402
+from unifit.config import ModelConfig, UnifitConfig  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, seed=0)
@@ -23,6 +25,33 @@ def tiny_model_config(model_type: str = "llama", **overrides: object) -> ModelCo
     """A tiny random model of `model_type` (llama, mistral, qwen2) with the embedded SmolLM2 tokenizer."""
     random_init = {"model_type": model_type, **TINY_SIZES, **overrides}
     return ModelConfig(name=f"tiny_{model_type}", source="random", random_init=random_init, max_length=512)
+
+
+def compose_config(overrides: list[str]) -> UnifitConfig:
+    """Compose conf/ the way `python -m unifit.launch` does, and validate it into dataclasses."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from unifit.config import from_container, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        raw = compose(config_name="config", overrides=overrides)
+    return from_container(OmegaConf.to_container(raw, resolve=True))
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line contains `text` (to prove a cluster was torn down)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
 
 
 @pytest.fixture(scope="session")

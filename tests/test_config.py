@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from unifit.config import ConfigError, UnifitConfig, from_container, register_configs
+from conftest import CONF, compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from unifit.config import ConfigError, UnifitConfig
+
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-
-
-def compose_config(overrides: list[str]) -> UnifitConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        raw = compose(config_name="config", overrides=overrides)
-    return from_container(OmegaConf.to_container(raw, resolve=True))
 
 
 def test_default_is_the_cpu_demo() -> None:

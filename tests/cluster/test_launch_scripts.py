@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_ENV = REPO / "launch" / "ray_env.sh"
@@ -103,19 +104,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _processes_under(path: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if path in cmdline:
-                found.append(f"{proc.name}: {cmdline[:160]}")
-    return found
-
-
 def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: Path) -> None:
     """Head and worker on this host (each its own temp dir): 2 nodes join; ending the 2 processes stops all."""
     from ray.util import get_node_ip_address
@@ -150,6 +138,6 @@ def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: P
             except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
-        leftover = _processes_under(temp)
+        leftover = processes_mentioning(temp)
         shutil.rmtree(temp, ignore_errors=True)
     assert leftover == [], leftover

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import processes_mentioning
 
 from unifit.config import STAGES
 from unifit.stage import read_json
@@ -106,20 +107,6 @@ def _job_state(env: dict[str, str], job: str) -> tuple[str, str]:
     return fields.get("JobState", shown.stderr.strip()), fields.get("ExitCode", "")
 
 
-def _ray_processes(temp_dir: Path) -> list[str]:
-    """Command lines of live processes that belong to the Ray whose temp dir is `temp_dir`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(temp_dir) in cmdline:
-                found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
 @pytest.mark.slow
 def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:
     env, directory = slurm
@@ -141,7 +128,7 @@ def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, s
     # The driver ran its actors on the job's Ray (worker logs in the per-job temp dir), not on a private one.
     assert list(ray_dir.glob("session_*/logs/worker-*")), f"no Ray worker logs under {ray_dir}"
     # Teardown ended the srun step that owned the head: nothing of this job's Ray is left on the host.
-    assert _ray_processes(ray_dir) == []
+    assert processes_mentioning(str(ray_dir)) == []
 
 
 def test_sbatch_config_error_fails_before_ray_starts(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:

@@ -117,11 +117,15 @@ def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
 
 
 def test_self_instruct_gives_up_when_model_stops_producing(tmp_path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(tmp_path, self_instruct_prompts_per_round=1)
     model = Scripted(override=lambda prompt, seed: Completion("I'm sorry, I cannot come up with more tasks.", "stop"))
     instances, counts = run_self_instruct(cfg.domain, cfg.generate, model, GenerationParams(), 5, "m")
     assert instances == [] and counts["stopped_below_target"] == 1 and counts["rounds"] == 3
     assert counts["unparsable_instruction_replies"] == 3 * 2  # 2 prompts per round (5 needed / 4 per prompt)
+    assert model.batches[0] == 2
+    batched = Scripted(override=model.override)
+    run_self_instruct(cfg.domain, make_cfg(tmp_path, self_instruct_prompts_per_round=6).generate, batched, GenerationParams(), 5, "m")
+    assert batched.batches[0] == 6  # a round asks at least self_instruct_prompts_per_round prompts in one batch
 
 
 def test_data_path_imports_user_data_instead_of_generating(tmp_path) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from unifit.config import GenerateConfig
 from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, is_refusal, parse_list, parse_qa
 from unifit.generation.tree import Node
 from unifit.llm.base import Conversation, GenerationParams
 from unifit.records import Instance
+
+T = TypeVar("T")
 
 
 def leaf_conversation(gen: GenerateConfig, leaf: Node) -> Conversation:
@@ -71,26 +73,35 @@ def _answer(conversations: list[Conversation], gen: GenerateConfig, generate_fn:
     return answers
 
 
-def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
-                 counts: Counter[str]) -> list[tuple[Node, str, str]]:
-    """The paper's prompt: q questions with answers in one reply per leaf."""
-    asked = ask_parsed(generate_fn, [leaf_conversation(gen, leaf) for leaf in leaves], params, parse_qa, gen.max_retries)
+def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Callable[[str], Optional[list[T]]],
+                gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, counts: Counter[str],
+                truncated_key: str) -> list[tuple[Node, T]]:
+    """One reply per leaf, parsed into items; a cut-off reply loses its last item (where the cut happened), at most q kept."""
+    asked = ask_parsed(generate_fn, prompts, params, parse, gen.max_retries)
     counts["leaf_calls"] += sum(a.attempts for a in asked)
     counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
-    pairs: list[tuple[Node, str, str]] = []
+    kept: list[tuple[Node, T]] = []
     for leaf, result in zip(leaves, asked):
         if result.value is None:
             counts["unparsable_leaf_replies"] += 1
             continue
-        leaf_pairs = list(result.value)
+        items = list(result.value)
         if result.completion.finish_reason == "length":
-            leaf_pairs = leaf_pairs[:-1]
-            counts["truncated"] += 1
-        if len(leaf_pairs) > gen.questions_per_leaf:
-            counts["dropped_over_q"] += len(leaf_pairs) - gen.questions_per_leaf
-            leaf_pairs = leaf_pairs[: gen.questions_per_leaf]
-        pairs.extend((leaf, question, answer) for question, answer in leaf_pairs)
-    return pairs
+            items = items[:-1]
+            counts[truncated_key] += 1
+        if len(items) > gen.questions_per_leaf:
+            counts["dropped_over_q"] += len(items) - gen.questions_per_leaf
+            items = items[: gen.questions_per_leaf]
+        kept.extend((leaf, item) for item in items)
+    return kept
+
+
+def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+                 counts: Counter[str]) -> list[tuple[Node, str, str]]:
+    """The paper's prompt: q questions with answers in one reply per leaf."""
+    prompts = [leaf_conversation(gen, leaf) for leaf in leaves]
+    items = _leaf_items(leaves, prompts, parse_qa, gen, generate_fn, params, counts, "truncated")
+    return [(leaf, question, answer) for leaf, (question, answer) in items]
 
 
 def _two_step_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
@@ -98,22 +109,8 @@ def _two_step_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: Ge
     """Small generators: q questions as a list per leaf, then each question asked directly for its answer."""
     prompts = [[{"role": "user", "content": gen.leaf_questions_prompt.format(
         q=gen.questions_per_leaf, leaf=leaf.concept, path=" > ".join(leaf.path), domain=leaf.path[0])}] for leaf in leaves]
-    asked = ask_parsed(generate_fn, prompts, params, lambda text: parse_list(text, clean=clean_item), gen.max_retries)
-    counts["leaf_calls"] += sum(a.attempts for a in asked)
-    counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
-    questions: list[tuple[Node, str]] = []
-    for leaf, result in zip(leaves, asked):
-        if result.value is None:
-            counts["unparsable_leaf_replies"] += 1
-            continue
-        items = list(result.value)
-        if result.completion.finish_reason == "length":
-            items = items[:-1]  # the last item is where the cut happened
-            counts["truncated_question_lists"] += 1
-        if len(items) > gen.questions_per_leaf:
-            counts["dropped_over_q"] += len(items) - gen.questions_per_leaf
-            items = items[: gen.questions_per_leaf]
-        questions.extend((leaf, item) for item in items)
+    questions = _leaf_items(leaves, prompts, lambda text: parse_list(text, clean=clean_item), gen, generate_fn, params, counts,
+                            "truncated_question_lists")
     answers = _answer([[{"role": "user", "content": q}] for _, q in questions], gen, generate_fn, params, counts, "")
     return [(leaf, q, a) for (leaf, q), a in zip(questions, answers) if a is not None]
 
