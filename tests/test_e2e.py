@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +36,10 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
         assert manifest["stage"] == stage
     timings = json.loads((run_dir / "timings.json").read_text())
     assert set(timings["stages"]) == set(STAGES)
-    assert (run_dir / "report" / "report.html").exists()
+    html = (run_dir / "report" / "report.html").read_text()
+    assert html.count("<table") >= 3 and "Table 1" in html and "Pithy NE" in html
+    images = re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", html)
+    assert len(images) >= 4 and all((run_dir / "report" / src).is_file() for src in images)
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     from datasets import load_dataset
 

@@ -69,7 +69,12 @@ def plot_diversity_radar(panels: Sequence[tuple[str, dict[str, Any]]], path: Pat
         ax.tick_params(axis="x", pad=8)
         ax.set_ylim(0, 10)
         ax.set_title(title, fontsize=9)
-        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.25, -0.1))
+        unscored = [source for source, entry in scored["sources"].items() if "mean" not in entry]
+        if unscored:  # say why a source is missing instead of leaving an empty plot
+            ax.text(0.5, -0.18, f"no parseable judge scores for: {', '.join(unscored)}", transform=ax.transAxes,
+                    ha="center", fontsize=7, color="firebrick")
+        if len(unscored) < len(scored["sources"]):
+            ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.25, -0.1))
     fig.suptitle("Instruction diversity (judge scores 1-10, mean ± std over draws)", fontsize=10, y=1.04)
     return _save(fig, path)
 
