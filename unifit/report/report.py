@@ -165,29 +165,21 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
     sections.append(("Table 1 — time per model and setting", table1))
 
     for run in runs:
-        title = "Concept tree and generation" + (f" — {run.label}" if many else "")
-        blocks: list[Block] = []
-        tree = run.run_dir / "generate" / "tree.png"
-        if tree.exists():
-            blocks.append(("img", _copy_image(tree, out_dir, f"{_prefix(run, many)}tree.png"), "concept tree"))
-        else:
-            blocks.append(("note", f"Not run: {tree} is missing (the generate stage has not run)."))
-        if run.generate_report is not None:
-            blocks.append(("table", ["generation / filter count", "value"], _flat(run.generate_report)))
-        else:
-            blocks.append(("note", f"Not run: {run.run_dir / 'generate' / 'report.json'} is missing."))
-        sections.append((title, blocks))
-
-        title = "Pithy selection (IFD)" + (f" — {run.label}" if many else "")
-        blocks = []
-        hist = run.run_dir / "select" / "ifd_hist.png"
-        if hist.exists():
-            blocks.append(("img", _copy_image(hist, out_dir, f"{_prefix(run, many)}ifd_hist.png"), "IFD histogram"))
-        else:
-            blocks.append(("note", f"Not run: {hist} is missing (the select stage has not run)."))
-        if run.select_report is not None:
-            blocks.append(("table", ["selection count", "value"], _flat(run.select_report)))
-        sections.append((title, blocks))
+        for title, stage, image, alt, counts, counts_header in (
+            ("Concept tree and generation", "generate", "tree.png", "concept tree", run.generate_report, "generation / filter count"),
+            ("Pithy selection (IFD)", "select", "ifd_hist.png", "IFD histogram", run.select_report, "selection count"),
+        ):
+            blocks: list[Block] = []
+            picture = run.run_dir / stage / image
+            if picture.exists():
+                blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{image}"), alt))
+            else:
+                blocks.append(("note", f"Not run: {picture} is missing (the {stage} stage has not run)."))
+            if counts is not None:
+                blocks.append(("table", [counts_header, "value"], _flat(counts)))
+            else:
+                blocks.append(("note", f"Not run: {run.run_dir / stage / 'report.json'} is missing."))
+            sections.append((title + (f" — {run.label}" if many else ""), blocks))
 
     judged = [(r.label, r.judge) for r in runs if r.judge and "win_rate" in r.judge]
     blocks = []
