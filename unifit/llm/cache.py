@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from unifit.fingerprint import fingerprint
 from unifit.llm.base import ChatModel, Completion, Conversation, GenerationParams, complete
@@ -46,6 +46,21 @@ class CompletionCache:
             db.executemany("INSERT OR REPLACE INTO completions (key, value) VALUES (?, ?)", rows)
 
 
+def complete_through_cache(cache: CompletionCache | None, model_identity: str, conversations: Sequence[Conversation],
+                           params: GenerationParams,
+                           produce: Callable[[list[Conversation]], list[Completion]]) -> list[Completion]:
+    """Answer cached conversations from disk and `produce` only the misses, in one call; errors are not cached."""
+    keys = [completion_key(model_identity, list(c), params) for c in conversations]
+    found = cache.get_many(keys) if cache else {}
+    missing = [i for i, key in enumerate(keys) if key not in found]
+    if missing:
+        new = {keys[i]: c for i, c in zip(missing, produce([list(conversations[i]) for i in missing]))}
+        if cache:
+            cache.put_many({key: c for key, c in new.items() if c.finish_reason != "error"})
+        found.update(new)
+    return [found[key] for key in keys]
+
+
 class CachedChatModel:
     """Wraps any ChatModel: answers cached calls from disk, forwards only the misses (in one batch)."""
 
@@ -56,15 +71,8 @@ class CachedChatModel:
         self.model_identity = model_identity
 
     def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        keys = [completion_key(self.model_identity, list(c), params) for c in conversations]
-        found = self.cache.get_many(keys)
-        missing = [i for i, key in enumerate(keys) if key not in found]
-        if missing:
-            fresh = complete(self.inner, [conversations[i] for i in missing], params)
-            new = {keys[i]: c for i, c in zip(missing, fresh)}
-            self.cache.put_many(new)
-            found.update(new)
-        return [found[key] for key in keys]
+        return complete_through_cache(self.cache, self.model_identity, conversations, params,
+                                      lambda todo: complete(self.inner, todo, params))
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
         return [c.text for c in self.complete(conversations, params)]

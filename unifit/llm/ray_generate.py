@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
 from unifit.llm.base import ChatModel, Completion, Conversation, GenerationParams
-from unifit.llm.cache import CompletionCache, completion_key
+from unifit.llm.cache import CompletionCache, complete_through_cache
 from unifit.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,31 @@ def build_chat_model(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: 
     return HFChatModel(model_cfg, cache_dir, batch_size=backend.batch_size)
 
 
+@functools.lru_cache(maxsize=1)
+def _model_from_plain(backend_json: str, model_json: str, cache_dir: str) -> ChatModel:
+    """A ChatModel from serialized configs (what Ray actors receive); in the driver, kept while calls reuse it."""
+    from unifit.config import from_container
+
+    cfg = from_container({"backend": json.loads(backend_json), "model": json.loads(model_json)})
+    return build_chat_model(cfg.backend, cfg.model, cache_dir)
+
+
+def _run_in_driver(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence[Conversation],
+                   params: GenerationParams) -> list[Completion]:
+    """The backend chunks by `backend.batch_size` exactly as the actor pool's items do, so results match."""
+    from unifit.llm.base import complete
+
+    model = _model_from_plain(json.dumps(dataclasses.asdict(cfg.backend), sort_keys=True),
+                              json.dumps(dataclasses.asdict(model_cfg), sort_keys=True), cfg.cache_dir)
+    return complete(model, list(conversations), params)
+
+
 class _GenerationActor:
     """One model per Ray actor; each call answers one pre-formed batch."""
 
     def __init__(self, backend: dict[str, Any], model: dict[str, Any], cache_dir: str, params: dict[str, Any]) -> None:
-        from unifit.config import from_container
-
-        cfg = from_container({"backend": backend, "model": model})
         self.params = GenerationParams(**params)
-        self.model = build_chat_model(cfg.backend, cfg.model, cache_dir)
+        self.model = _model_from_plain(json.dumps(backend, sort_keys=True), json.dumps(model, sort_keys=True), cache_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from unifit.llm.base import complete
@@ -97,29 +113,6 @@ def _run_actor_pool(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Se
     return [c for c in results if c is not None]
 
 
-@functools.lru_cache(maxsize=1)
-def _driver_model(backend_json: str, model_json: str, cache_dir: str) -> ChatModel:
-    """The driver's own model for small calls, kept while consecutive calls use the same one."""
-    from unifit.config import from_container
-
-    cfg = from_container({"backend": json.loads(backend_json), "model": json.loads(model_json)})
-    return build_chat_model(cfg.backend, cfg.model, cache_dir)
-
-
-def _run_in_driver(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence[Conversation],
-                   params: GenerationParams) -> list[Completion]:
-    """Same batches and seeds as the actor pool would use, so results do not depend on where a call ran."""
-    from unifit.llm.base import complete
-
-    model = _driver_model(json.dumps(dataclasses.asdict(cfg.backend), sort_keys=True),
-                          json.dumps(dataclasses.asdict(model_cfg), sort_keys=True), cfg.cache_dir)
-    size = cfg.backend.batch_size
-    results: list[Completion] = []
-    for start in range(0, len(conversations), size):
-        results.extend(complete(model, list(conversations[start : start + size]), params))
-    return results
-
-
 def _run_vllm(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence[Conversation],
               params: GenerationParams) -> list[Completion]:
     import ray
@@ -144,22 +137,15 @@ def generate_with_ray(cfg: UnifitConfig, conversations: Sequence[Conversation], 
     from unifit.raycluster import ensure_ray
 
     model_cfg = model_cfg or cfg.model
-    identity = model_identity(cfg.backend, model_cfg)
-    keys = [completion_key(identity, list(c), params) for c in conversations]
     cache = CompletionCache(Path(cfg.cache_dir) / "completions.sqlite") if cfg.backend.cache else None
-    found = cache.get_many(keys) if cache else {}
-    missing = [i for i, key in enumerate(keys) if key not in found]
-    log.info("%s: %d conversations, %d cached, %d to generate", desc, len(keys), len(keys) - len(missing), len(missing))
-    if missing:
-        todo = [conversations[i] for i in missing]
+
+    def produce(todo: list[Conversation]) -> list[Completion]:
+        log.info("%s: %d of %d conversations not cached", desc, len(todo), len(conversations))
         if cfg.backend.name != "vllm" and len(todo) <= cfg.cluster.driver_generation_max:
-            fresh = _run_in_driver(cfg, model_cfg, todo, params)
-        else:
-            ensure_ray(cfg.cluster)
-            run_on_ray = _run_vllm if cfg.backend.name == "vllm" else functools.partial(_run_actor_pool, desc=desc)
-            fresh = run_on_ray(cfg, model_cfg, todo, params)
-        new = {keys[i]: c for i, c in zip(missing, fresh)}
-        if cache:
-            cache.put_many({k: c for k, c in new.items() if c.finish_reason != "error"})
-        found.update(new)
-    return [found[key] for key in keys]
+            return _run_in_driver(cfg, model_cfg, todo, params)
+        ensure_ray(cfg.cluster)
+        if cfg.backend.name == "vllm":
+            return _run_vllm(cfg, model_cfg, todo, params)
+        return _run_actor_pool(cfg, model_cfg, todo, params, desc)
+
+    return complete_through_cache(cache, model_identity(cfg.backend, model_cfg), conversations, params, produce)
