@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +19,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from te
 
 from unifit.config import ModelConfig, UnifitConfig  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, seed=0)
@@ -60,6 +65,43 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("UNIFIT_CACHE", Path.home() / ".cache" / "unifit"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def fresh_completion_cache(directory: Path, models_from: Path) -> Path:
+    """An empty completion cache that shares the converted models of `models_from` (no second GGUF conversion)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (models_from / "models").mkdir(parents=True, exist_ok=True)
+    (directory / "models").symlink_to(models_from / "models")
+    return directory
+
+
+def smoke_command(run_dir: Path, *overrides: str) -> list[str]:
+    """The user's command: `python -m unifit.launch +experiment=smoke run_dir=... [overrides]`."""
+    return [sys.executable, "-m", "unifit.launch", "+experiment=smoke", f"run_dir={run_dir}", *overrides]
+
+
+def smoke_env(completion_cache: Path) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled", "UNIFIT_CACHE": str(completion_cache)}
+
+
+@dataclass
+class SmokeRun:
+    run_dir: Path
+    completion_cache: Path
+    result: subprocess.CompletedProcess[str]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> SmokeRun:
+    """One uninterrupted smoke run with a cold completion cache: the end-to-end test and the kill harness's reference."""
+    root = tmp_path_factory.mktemp("smoke")
+    completion_cache = fresh_completion_cache(root / "cache", cache_dir)
+    run_dir = root / "run"
+    started = time.time()
+    result = subprocess.run(smoke_command(run_dir), cwd=REPO, env=smoke_env(completion_cache), capture_output=True,
+                            text=True, timeout=900)
+    return SmokeRun(run_dir, completion_cache, result, time.time() - started)
 
 
 @pytest.fixture(scope="session")

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from unifit.config import STAGES
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(run_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "unifit.launch", "+experiment=smoke", f"run_dir={run_dir}", *overrides]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from conftest import REPO, SmokeRun, smoke_command, smoke_env
 
 
 @pytest.mark.slow
-def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
-    run_dir = tmp_path / "smoke"
-    started = time.time()
-    result = launch(run_dir)
-    elapsed = time.time() - started
+def test_smoke_experiment_end_to_end(smoke_run: SmokeRun) -> None:
+    run_dir, result = smoke_run.run_dir, smoke_run.result
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"run directory: {run_dir}" in result.stdout
     for stage in STAGES:
@@ -45,16 +33,18 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
 
     instances = load_dataset("parquet", data_files=str(run_dir / "generate" / "instances" / "*.parquet"), split="train")
     assert len(instances) > 0 and set(instances.column_names) >= {"id", "leaf_id", "concept_path", "messages", "source", "generator"}
-    print(f"smoke run took {elapsed:.0f}s")
+    print(f"smoke run took {smoke_run.seconds:.0f}s (cold completion cache)")
 
     # The same command again skips every finished stage.
-    again = launch(run_dir)
+    again = subprocess.run(smoke_command(run_dir), cwd=REPO, env=smoke_env(smoke_run.completion_cache),
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     log = (run_dir / "unifit.log").read_text()
     assert all(f"[{stage}] up to date, skipped" in log for stage in STAGES)
 
 
 def test_bad_override_is_one_clear_line(tmp_path: Path) -> None:
-    result = launch(tmp_path / "x", "select.ratio=1.5", timeout=120)
+    result = subprocess.run(smoke_command(tmp_path / "x", "select.ratio=1.5"), cwd=REPO, env=smoke_env(tmp_path / "cache"),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "select.ratio" in result.stderr and "Traceback" not in result.stderr

@@ -1,7 +1,10 @@
-"""The embedded GGUF becomes a plain safetensors model with identical logits; random test models are built locally."""
+"""Model loading: the embedded GGUF becomes safetensors with identical logits, random test models are built locally,
+and only safetensors and trusted model code are ever loaded."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,91 @@ def test_random_models_are_built_from_config(cache_dir: Path) -> None:
 def test_missing_local_model_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model_dir(ModelConfig(source="hub", path=str(tmp_path / "nope")), tmp_path)
+
+
+def test_trust_remote_code_only_for_the_families_that_need_it() -> None:
+    from conftest import CONF, compose_config
+
+    names = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
+    assert {"smollm2_135m", "tiny_random", "llama2_7b", "mistral_7b", "baichuan2_7b", "qwen_7b"} <= set(names)
+    trusted = {name for name in names if compose_config([f"model={name}"]).model.trust_remote_code}
+    assert trusted == {"baichuan2_7b", "qwen_7b"}
+    assert ModelConfig().trust_remote_code is False
+
+
+class _Tripwire:
+    """Unpickling this creates `marker`: proof that a loader ran pickle on the weights."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_only_model_is_refused_before_anything_is_unpickled(tmp_path: Path) -> None:
+    import pickle
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from unifit.stage import UserError
+
+    directory, marker = tmp_path / "pickled", tmp_path / "unpickled"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64).save_pretrained(directory)
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _Tripwire(marker)}))
+    with pytest.raises(UserError, match=rf"model\.path: {re.escape(str(directory))} has only pickle weights \(pytorch_model\.bin\); "
+                                        r"unifit loads safetensors only .* set model\.path=new_dir"):
+        load_model(ModelConfig(name="pickled", source="hub", path=str(directory)), tmp_path)
+    with pytest.raises(OSError, match="model.safetensors"):  # and transformers itself, as load_model calls it, never falls back
+        AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    assert not marker.exists()
+
+
+def test_model_code_runs_only_when_the_config_trusts_it(tmp_path: Path) -> None:
+    from unifit.stage import UserError
+
+    directory, marker = tmp_path / "custom", tmp_path / "code_ran"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "custom_lm", "architectures": ["CustomLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))
+    code = f"open({str(marker)!r}, 'w').close()\nfrom transformers import PretrainedConfig\n"
+    (directory / "configuration_custom.py").write_text(code + "class CustomConfig(PretrainedConfig):\n    model_type = 'custom_lm'\n")
+    (directory / "modeling_custom.py").write_text(code)
+    (directory / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"ships its own model code, which unifit runs only with model\.trust_remote_code=true"):
+        load_model(ModelConfig(name="custom", source="hub", path=str(directory)), tmp_path)
+    assert not marker.exists()
+
+
+def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Baichuan2/Qwen-7B scoring models keep their remote code: the score stage must pass the setting to its actors."""
+    import ray
+
+    import unifit.raycluster
+    from unifit.config import UnifitConfig
+    from unifit.records import Instance, write_instances
+    from unifit.selection.stage import run_score
+    from unifit.stage import StageContext
+
+    built: dict = {}
+
+    class RecordingDataset:  # stands in for ray.data: records how the scoring actors would be built
+        def map_batches(self, fn: object, **kwargs: object) -> "RecordingDataset":
+            built.update(kwargs["fn_constructor_kwargs"])  # type: ignore[arg-type]
+            return self
+
+        def materialize(self) -> "RecordingDataset":
+            return self
+
+    monkeypatch.setattr(ray.data, "from_items", lambda items: RecordingDataset())
+    monkeypatch.setattr(unifit.raycluster, "ensure_ray", lambda cluster: None)
+    messages = [{"role": "user", "content": "What is DNS?"}, {"role": "assistant", "content": "A naming system."}]
+    write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "imported", "t")], tmp_path / "generate" / "instances" / "a.parquet")
+    (tmp_path / "train_scorer" / "model").mkdir(parents=True)
+    (tmp_path / "train_scorer" / "model" / "config.json").write_text("{}")
+    for trusted in (True, False):
+        model = ModelConfig(name="remote", source="random", random_init={"model_type": "llama"}, trust_remote_code=trusted)
+        run_score(StageContext(UnifitConfig(model=model), tmp_path, "score"))
+        assert built["trust_remote_code"] is trusted

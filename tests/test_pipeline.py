@@ -102,7 +102,13 @@ def test_fingerprints_ignore_serving_details() -> None:
     tweaked = UnifitConfig()
     tweaked.backend.batch_size = 99
     tweaked.cluster.generation_actors = 7
+    tweaked.train.checkpoint_every = 1
+    tweaked.train.max_failures = 5
     assert pipeline.stage_fingerprints(tweaked) == base
+    retried = UnifitConfig()
+    retried.generate.max_retries = 5  # parse retries change what generation keeps: not a serving detail
+    changed = pipeline.stage_fingerprints(retried)
+    assert changed["generate"] != base["generate"] and changed["sample"] != base["sample"]
 
 
 def test_shared_dir_computes_common_stages_once(tmp_path: Path, recorder: Recorder) -> None:

@@ -41,6 +41,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.source in ("embedded", "hub", "random"), "model.source", f"got {self.source!r}; use embedded, hub or random")
         _check(self.source != "hub" or bool(self.path), "model.path", "source=hub needs a hub id or a local directory")
+        _check(self.source != "hub" or not self.path.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(self.path)),
+               "model.path", f"{self.path!r} does not exist; give a local model directory or a hub id such as org/name")
         _check(self.source != "random" or "model_type" in self.random_init, "model.random_init", "source=random needs random_init.model_type (e.g. llama)")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"got {self.dtype!r}; use float32, bfloat16 or float16")
         _check(self.max_length >= 32, "model.max_length", f"got {self.max_length}; must be >= 32 tokens")
@@ -90,12 +92,15 @@ class ClusterConfig:
     gpus_per_actor: float = 0.0
     driver_generation_max: int = 0  # calls with at most this many conversations run on a model in the driver (local CPU: skips ~15 s of actor start-up); 0 = all through Ray Data
     train_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
+    cpus_per_train_worker: Optional[float] = None  # None: the cluster's CPUs split evenly among train workers (Ray sets each worker's torch threads from this)
     use_gpu: bool = False  # Ray Train workers ask for a GPU each
 
     def __post_init__(self) -> None:
         _check(self.name in ("local", "slurm", "ray"), "cluster.name", f"got {self.name!r}; use local, slurm or ray")
         for name in ("generation_actors", "scoring_actors", "train_workers"):
             _check(getattr(self, name) >= 1, f"cluster.{name}", "must be >= 1")
+        _check(self.cpus_per_train_worker is None or self.cpus_per_train_worker > 0, "cluster.cpus_per_train_worker",
+               "must be > 0, or null to split the cluster's CPUs among the train workers")
         _check(self.driver_generation_max >= 0, "cluster.driver_generation_max", "must be >= 0 (0 = every call through Ray Data)")
 
 
@@ -266,6 +271,7 @@ class EvaluateConfig:
     judge_max_new_tokens: int = 256  # room for a short justification before the [[i]] verdict
     question_max_rounds: int = 5  # rounds of asking for new test questions (duplicates/unparseable replies are re-asked), then stop short
     extra_models: list[ModelConfig] = field(default_factory=list)  # more models to compare besides the base model and cfg.variants
+    answer_backend: Optional[BackendConfig] = None  # how the compared models (local weights) answer, e.g. +backend@evaluate.answer_backend=vllm; None = `backend`, or hf when `backend` is openai (an endpoint cannot serve this run's fine-tuned weights)
     question_prompt: str = "Write one new question that a user might ask about {leaf} ({path}) in the domain of {domain}. Reply with the question only, without an answer."
     judge_prompt: str = (
         "You are a fair judge. Below are a question and {k} answers from different AI assistants. Choose the answer that is "
@@ -290,6 +296,8 @@ class EvaluateConfig:
         _check(self.diversity_draws >= 1 and self.diversity_sample_size >= 1, "evaluate.diversity_draws",
                "diversity_draws and diversity_sample_size must be >= 1")
         _check(self.question_max_rounds >= 1, "evaluate.question_max_rounds", "must be >= 1")
+        _check(self.answer_backend is None or self.answer_backend.name != "openai", "evaluate.answer_backend",
+               "the compared models are local weights (the fine-tuned ones exist only in this run); use hf or vllm")
         for name in ("question_prompt", "judge_prompt", "diversity_prompt"):
             text = getattr(self, name)
             _check("{" in text, f"evaluate.{name}", "must keep its {placeholders} (see the default in unifit/config.py)")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from unifit.fingerprint import fingerprint
 from unifit.records import Instance
 from unifit.stage import UserError
-from unifit.templates import validate_messages
+from unifit.templates import MessagesError, validate_messages
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -51,8 +51,15 @@ def _text(row: dict[str, Any], name: str, required: bool = True) -> str:
     value = row.get(name)
     if value is None and not required:
         return ""
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise RowError("missing_field", f"field '{name}' must be a non-empty string, got {type(value).__name__}")
+    problem = f"field '{name}' must be a non-empty string"
+    if value is None:
+        raise RowError("missing_field", f"{problem}, but it is missing")
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"{problem}, got {type(value).__name__} {json.dumps(value, default=str)[:40]}; "
+                       "give the text as a JSON string")
+    if required and not value.strip():
+        reason = "empty_answer" if name == "output" else "empty_field"
+        raise RowError(reason, f"{problem}, got {'an empty string' if not value else 'only whitespace'}")
     return value
 
 
@@ -68,14 +75,14 @@ def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
 def _sharegpt(row: dict[str, Any]) -> list[dict[str, str]]:
     turns = row["conversations"]
     if not isinstance(turns, list):
-        raise RowError("bad_messages", "'conversations' must be a list of {from, value} turns")
+        raise RowError("bad_messages", f"'conversations' must be a list of {{from, value}} turns, got {type(turns).__name__}")
     messages = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise RowError("bad_messages", f"conversations[{index}] needs a string 'value'")
         role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
-            raise RowError("bad_messages", f"conversations[{index}]: unknown speaker {turn.get('from')!r}; "
+            raise RowError("unknown_role", f"conversations[{index}]: unknown speaker {turn.get('from')!r}; "
                            f"use one of {sorted(SHAREGPT_ROLES)}")
         messages.append({"role": role, "content": turn["value"]})
     return messages
@@ -84,7 +91,7 @@ def _sharegpt(row: dict[str, Any]) -> list[dict[str, str]]:
 def _openai(row: dict[str, Any]) -> list[dict[str, str]]:
     turns = row["messages"]
     if not isinstance(turns, list):
-        raise RowError("bad_messages", "'messages' must be a list of {role, content} messages")
+        raise RowError("bad_messages", f"'messages' must be a list of {{role, content}} messages, got {type(turns).__name__}")
     return [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in turns]
 
 
@@ -94,7 +101,8 @@ FORMAT_KEYS = {"alpaca": "instruction", "sharegpt": "conversations", "messages":
 
 def _instance(row: Any, fmt: str, default_leaf: str, stem: str) -> Instance:
     if not isinstance(row, dict):
-        raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+        raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}; each record must be an "
+                       'object such as {"instruction": ..., "output": ...}')
     kind = _detect(row) if fmt == "auto" else fmt
     key = FORMAT_KEYS[kind]
     if key not in row:
@@ -102,8 +110,8 @@ def _instance(row: Any, fmt: str, default_leaf: str, stem: str) -> Instance:
     messages = PARSERS[kind](row)
     try:
         validate_messages(messages, "messages")
-    except ValueError as error:
-        raise RowError("bad_messages", str(error)) from None
+    except MessagesError as error:
+        raise RowError(error.reason, str(error)) from None
     category = row.get("leaf_id") or row.get("category")
     concept_path = [stem, str(category)] if category else [stem]
     generator = row.get("generator") if isinstance(row.get("generator"), str) else "unknown"
@@ -115,23 +123,21 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[int, str, Any]]:
     """(line, raw text, parsed or exception) for each element of a top-level JSON array."""
     newlines = [i for i, ch in enumerate(text) if ch == "\n"]
     decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if not text.startswith("[", pos):
-        raise UserError(f"{path}:{bisect_right(newlines, pos) + 1}: a .json file must hold one JSON array of records; "
-                        "use .jsonl for one record per line")
-    pos += 1
+    pos = len(text) - len(text.lstrip()) + 1  # just past the opening '['
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text):
-            raise UserError(f"{path}: the JSON array is not closed with ']'; check that the file is complete")
+            raise UserError(f"{path}:{len(newlines) + 1}: the JSON array is not closed with ']'; the file looks truncated, "
+                            "check that it is complete")
         if text[pos] == "]":
             return
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno}); fix the file "
-                            "(a syntax error inside a JSON array cannot be skipped, even with data.lenient)") from None
+            truncated = "" if text.rstrip().endswith("]") else "; the array has no closing ']', so the file looks truncated"
+            raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}, column {error.colno}){truncated}; fix the "
+                            "file (a syntax error inside a JSON array cannot be skipped, even with data.lenient)") from None
         yield bisect_right(newlines, pos) + 1, text[pos:end], value
         pos = end
 
@@ -145,6 +151,23 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, str, Any]]:
         except json.JSONDecodeError as error:
             yield line_no, line, RowError("invalid_json", f"invalid JSON ({error.msg}, column {error.colno}); "
                                           "each line must be one JSON object")
+
+
+def _text_rows(text: str, path: Path) -> Iterator[tuple[int, str, Any]]:
+    """Rows of a JSON array, of one pretty-printed JSON object, or of JSONL (one object per line)."""
+    body = text.strip()
+    if body.startswith("["):
+        return _json_rows(text, path)
+    if body.startswith("{") and "\n" in body:  # one multi-line object would otherwise fail line by line as JSONL
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            return _jsonl_rows(text)
+        if not set(FORMAT_KEYS.values()) & set(value):
+            raise UserError(f"{path}:1: the file is one JSON object with keys {sorted(value)[:8]}, not a list of records; "
+                            "put the records in a JSON array [...] or write one object per line (.jsonl)")
+        return iter([(text[: len(text) - len(text.lstrip())].count("\n") + 1, text, value)])
+    return _jsonl_rows(text)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
@@ -163,7 +186,8 @@ def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False)
 
     fmt: auto (by extension and per-row keys) | alpaca | sharegpt | messages | parquet. Rows without a
     `leaf_id`/`category` column share one leaf named after the file (a hash of its name); duplicates
-    (same conversation, hence same id) are kept once and counted.
+    (same conversation, hence same id) are kept once and counted. A user `id` field that names two different
+    conversations is a row error (`duplicate_id`, the later row): one of them was mislabelled.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -175,15 +199,16 @@ def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False)
         rows: Iterator[tuple[int, str, Any]] = _parquet_rows(path)
     else:
         text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-        rows = _json_rows(text, path) if text.lstrip().startswith("[") else _jsonl_rows(text)
+        rows = _text_rows(text, path)
     row_fmt = "auto" if fmt == "parquet" else fmt
     default_leaf = fingerprint(path.name)[:16]
     instances: list[Instance] = []
     seen: set[str] = set()
+    id_lines: dict[str, int] = {}  # the user's own `id` field -> first line that used it
     skipped: Counter[str] = Counter()
     errors: list[str] = []
     total = duplicates = 0
-    where = "row" if is_parquet else "line"
+    where = "row " if is_parquet else ""
     for line, raw, value in rows:
         total += 1
         try:
@@ -194,21 +219,28 @@ def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False)
             if isinstance(value, RowError):
                 raise value
             instance = _instance(value, row_fmt, default_leaf, path.stem)
+            if instance.id in seen:  # the same conversation again: kept once, counted
+                duplicates += 1
+                continue
+            if value.get("id") is not None:
+                first = id_lines.setdefault(str(value["id"]), line)
+                if first != line:
+                    raise RowError("duplicate_id", f"id {value['id']!r} is already used by a different conversation at "
+                                   f"{where or 'line '}{first}; give every row its own id (or drop the id field)")
         except RowError as error:
-            message = f"{path}:{'row ' if where == 'row' else ''}{line}: {error}"
+            message = f"{path}:{where}{line}: {error}"
             if not lenient:
                 raise UserError(f"{message}; or set data.lenient=true to skip bad rows (they are counted)") from None
             skipped[error.reason] += 1
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(message)
             continue
-        if instance.id in seen:
-            duplicates += 1
-            continue
         seen.add(instance.id)
         instances.append(instance)
+    if not total:
+        raise UserError(f"{path}: the file holds no records (it is empty or blank); point data.path at your data file")
     if not instances:
-        raise UserError(f"{path}: no usable rows ({total} read, skipped: {dict(skipped) or 'none'}); "
+        raise UserError(f"{path}: no usable rows ({total} read, skipped: {dict(skipped)}, first: {errors[0]}); "
                         "check the format (Alpaca instruction/output, ShareGPT conversations, or messages)")
     report = {"path": str(path), "format": fmt, "rows": total, "imported": len(instances), "skipped": dict(skipped),
               "duplicates": duplicates, "errors": errors}

@@ -18,13 +18,17 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> int:
     from unifit.pipeline import main_from_config
+    from unifit.stage import UserError
+    from unifit.training.sft import accumulation_steps
 
     try:
         cfg = from_container(OmegaConf.to_container(raw, resolve=True))
-    except ConfigError as error:
+        if {"train_scorer", "finetune"} & set(cfg.stages):  # an impossible batch split fails now, not after hours of generation
+            accumulation_steps(cfg.train, cfg.cluster.train_workers)
+        code = main_from_config(cfg)
+    except (ConfigError, UserError) as error:  # also those raised inside a stage (a model that cannot be loaded)
         print(f"unifit: error: {error}", file=sys.stderr)
         sys.exit(2)
-    code = main_from_config(cfg)
     if code:
         sys.exit(code)
     return code

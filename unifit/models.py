@@ -7,6 +7,7 @@ built from their config there too. Hub models are used as given. Only safetensor
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -14,10 +15,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from unifit.config import ConfigError, ModelConfig, to_container
 from unifit.fingerprint import fingerprint
+from unifit.stage import UserError
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,37 @@ def _build_random(cfg: ModelConfig, out: Path, cache_dir: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _require_safetensors(directory: Path) -> None:
+    """Refuse a local model without safetensors weights before transformers is asked: pickle files can run code."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    found = f"only pickle weights ({', '.join(pickled[:3])})" if pickled else "no weights"
+    raise UserError(f"model.path: {directory} has {found}; unifit loads safetensors only (unpickling can run arbitrary "
+                    "code). Convert the model once where you trust it, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
+                    ".save_pretrained(new_dir)` (transformers writes model.safetensors), and set model.path=new_dir")
+
+
+@contextlib.contextmanager
+def _remote_code_hint(cfg: ModelConfig, model_dir: Path | str) -> Iterator[None]:
+    """transformers refuses a model's own code unless trusted; name the unifit setting that trusts it."""
+    try:
+        yield
+    except ValueError as error:
+        if cfg.trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise UserError(f"model.path: {model_dir} ships its own model code, which unifit runs only with "
+                        "model.trust_remote_code=true; set it if you trust that code (conf/model/ sets it for "
+                        "baichuan2_7b and qwen_7b only)") from None
+
+
 def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path | str:
     """Directory (or hub id) that `from_pretrained` loads; converts/builds into the cache on first use."""
     cache = Path(cache_dir)
     if cfg.source == "hub":
         path = Path(cfg.path).expanduser()
-        if cfg.path.startswith((".", "/", "~")) and not path.exists():
-            raise ConfigError(f"model.path: {cfg.path!r} does not exist; give a local model directory or a hub id")
+        if path.is_dir():
+            _require_safetensors(path)
         return str(path) if path.exists() else cfg.path
     key = fingerprint({"source": cfg.source, "gguf": cfg.gguf_file, "random_init": cfg.random_init})[:12]
     target = cache / "models" / f"{cfg.name}-{key}"
@@ -112,7 +138,9 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path) -> Any:
     """Tokenizer with the configured chat template and a pad token (left padding is set by generators)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg, cache_dir), trust_remote_code=cfg.trust_remote_code)
+    model_dir = resolve_model_dir(cfg, cache_dir)
+    with _remote_code_hint(cfg, model_dir):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if cfg.pad_token:
@@ -123,13 +151,14 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path) -> Any:
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | Path, device: str | None = None) -> Any:
-    """Causal LM from safetensors only (`use_safetensors=True`: no pickle is ever unpickled)."""
+    """Causal LM from safetensors only (a local pickle-only model is refused before transformers sees it)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(cfg, cache_dir), dtype=_torch_dtype(cfg.dtype),
-        trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-    )
+    model_dir = resolve_model_dir(cfg, cache_dir)
+    with _remote_code_hint(cfg, model_dir):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+        )
     if device:
         model.to(device)
     return model

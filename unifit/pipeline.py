@@ -37,8 +37,10 @@ STAGE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
                  "unifit.evaluation.stage:run"),
     "report": ((), ("generate", "select", "evaluate"), "unifit.report.stage:run"),
 }
-# Serving details that do not change what a stage produces are left out of fingerprints.
-NOT_FINGERPRINTED = {"batch_size", "cache", "max_retries", "timeout_s", "url", "api_key_env", "gpu_memory_utilization"}
+# Fields that do not change what a stage produces (how it is served, how it survives faults), per section.
+_SERVING = frozenset({"batch_size", "cache", "max_retries", "timeout_s", "url", "api_key_env", "gpu_memory_utilization"})
+NOT_FINGERPRINTED = {"backend": _SERVING, "judge_backend": _SERVING,
+                     "train": frozenset({"checkpoint_every", "keep_checkpoints", "max_failures"})}
 MANIFEST = "manifest.json"
 IN_PROGRESS = ".in_progress.json"
 
@@ -49,7 +51,7 @@ def _section(cfg: UnifitConfig, dotted: str) -> Any:
         value = getattr(value, part)
     value = to_container(value)
     if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k not in NOT_FINGERPRINTED}
+        value = {k: v for k, v in value.items() if k not in NOT_FINGERPRINTED.get(dotted, ())}
     return value
 
 

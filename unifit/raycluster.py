@@ -31,3 +31,13 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cpus_per_train_worker(cluster: ClusterConfig) -> float:
+    """CPUs each Ray Train worker asks for. Ray sets a worker's OMP threads to its CPU count, so a CPU run
+    with the default 1 would train on one core of many."""
+    import ray
+
+    if cluster.cpus_per_train_worker is not None:
+        return cluster.cpus_per_train_worker
+    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1) // cluster.train_workers)))

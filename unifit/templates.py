@@ -19,6 +19,14 @@ class TemplateError(ValueError):
     """The chat template cannot be used to locate assistant turns (not prefix-stable)."""
 
 
+class MessagesError(ValueError):
+    """A conversation that is not a valid chat; `reason` buckets it for the data-import report."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class AssistantSpan:
     """Token range [start, end) of one assistant turn's answer: its content plus the end-of-turn token."""
@@ -49,23 +57,29 @@ class TokenizedConversation:
 
 
 def validate_messages(messages: Any, where: str = "messages") -> list[Message]:
-    """Check chat structure; the error names the offending message and what is wrong."""
+    """Check chat structure; the error names the offending message, what is wrong and what a valid chat looks like."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages")
+        raise MessagesError("bad_messages", f"{where}: expected a non-empty list of {{role, content}} messages")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}[{index}]: each message needs string fields 'role' and 'content'")
+        if not isinstance(message, dict):
+            raise MessagesError("bad_messages", f"{where}[{index}]: expected a {{role, content}} object, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise MessagesError("bad_messages", f"{where}[{index}]: field '{key}' must be a string, "
+                                    f"got {type(message.get(key)).__name__}")
         if message["role"] not in ROLES:
-            raise ValueError(f"{where}[{index}]: unknown role {message['role']!r}; use one of {ROLES}")
+            raise MessagesError("unknown_role", f"{where}[{index}]: unknown role {message['role']!r}; use one of {ROLES}")
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if any(m["role"] == "system" for m in messages[1:]):
-        raise ValueError(f"{where}: a system message may only come first")
+        raise MessagesError("role_order", f"{where}: a system message may only come first")
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     if turns != expected[: len(turns)] or not turns or turns[-1] != "assistant":
-        raise ValueError(f"{where}: roles must alternate user/assistant and end with an assistant answer, got {turns}")
+        raise MessagesError("role_order", f"{where}: roles must alternate user/assistant, starting with user and ending "
+                            f"with an assistant answer; got {turns}")
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
-            raise ValueError(f"{where}[{index}]: empty assistant answer")
+            raise MessagesError("empty_answer", f"{where}[{index}]: empty assistant answer; give every assistant turn "
+                                "its answer text (or drop the row)")
     return messages
 
 

@@ -54,7 +54,7 @@ def test_sharegpt_multi_turn_and_system() -> None:
     with pytest.raises(UserError, match=r"sharegpt\.jsonl:3: messages: roles must alternate"):
         import_instances(DATA / "sharegpt.jsonl")
     instances, report = import_instances(DATA / "sharegpt.jsonl", fmt="sharegpt", lenient=True)
-    assert report["skipped"] == {"bad_messages": 2} and report["imported"] == 2
+    assert report["skipped"] == {"role_order": 1, "unknown_role": 1} and report["imported"] == 2
     assert "sharegpt.jsonl:4: conversations[0]: unknown speaker 'robot'" in report["errors"][1]
     assert [m["role"] for m in instances[1].messages] == ["system", "user", "assistant", "user", "assistant"]
     assert instances[1].messages[4]["content"].startswith("Deployment is growing")
@@ -89,5 +89,5 @@ def test_missing_file_and_empty_result(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         import_instances(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(UserError, match="no usable rows"):
+    with pytest.raises(UserError, match="holds no records"):
         import_instances(tmp_path / "empty.jsonl")

@@ -2,9 +2,9 @@
 
 A test question that is a near-copy of a training instruction would measure memorisation, so every
 candidate is checked (MinHash LSH, the same index the generate stage deduplicates with) against every
-user turn of every training instance and against the questions already accepted. Rejected or
-unparseable candidates are replaced by asking again about other random leaves, for a bounded number
-of rounds; every rejection is counted.
+user turn of every training instance and against the questions already accepted. Rejected candidates
+(unparseable, cut off by the token limit before a "?", in another script than the prompt, near-duplicate)
+are replaced by asking again about other random leaves, for a bounded number of rounds; every rejection is counted.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from unifit.fingerprint import fingerprint
 from unifit.generation.dedup import NearDuplicateIndex
+from unifit.generation.parsing import foreign_script
 from unifit.generation.tree import Node
-from unifit.llm.base import ChatModel, GenerationParams
+from unifit.llm.base import ChatModel, GenerationParams, complete
 
 QUESTION_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -70,7 +71,7 @@ def generate_test_questions(generator: ChatModel, leaves: Sequence[Node], index:
         raise ValueError("the concept tree has no leaves to ask test questions about")
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
-    counts = {"asked": 0, "unparseable": 0, "near_duplicates": 0, "rounds": 0}
+    counts = {"asked": 0, "unparseable": 0, "truncated": 0, "wrong_language": 0, "near_duplicates": 0, "rounds": 0}
     for round_ in tqdm(range(max_rounds), desc="test questions", unit="round", leave=False):
         need = n - len(rows)
         if need <= 0:
@@ -89,12 +90,18 @@ def generate_test_questions(generator: ChatModel, leaves: Sequence[Node], index:
             conversations = [[{"role": "user", "content": prompt.format(leaf=leaf.concept, path=" > ".join(leaf.path), domain=domain)}]
                              for leaf in group]
             call_params = dataclasses.replace(params, seed=params.seed + 1000 * round_ + j)
-            replies = generator.generate(conversations, call_params)
+            replies = complete(generator, conversations, call_params)
             counts["asked"] += len(group)
-            for leaf, reply in zip(group, replies):
-                question = parse_question(reply)
+            for leaf, conversation, reply in zip(group, conversations, replies):
+                question = parse_question(reply.text)
                 if question is None:
                     counts["unparseable"] += 1
+                    continue
+                if reply.finish_reason == "length" and not question.endswith(("?", "？")):  # cut off inside the question
+                    counts["truncated"] += 1
+                    continue
+                if foreign_script(question, conversation[0]["content"]):
+                    counts["wrong_language"] += 1
                     continue
                 question_id = fingerprint(question)[:16]
                 if not index.add(f"test:{question_id}", question):

@@ -35,7 +35,7 @@ class RayChatModel:
     def __init__(self, cfg: UnifitConfig, model_cfg: ModelConfig, backend: BackendConfig) -> None:
         self.cfg = dataclasses.replace(cfg, backend=backend)
         self.model_cfg = model_cfg
-        self.name = model_cfg.name
+        self.name = served_model(model_cfg, backend)
 
     def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         from unifit.llm.ray_generate import generate_with_ray
@@ -44,6 +44,11 @@ class RayChatModel:
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
         return [c.text for c in self.complete(conversations, params)]
+
+
+def served_model(model_cfg: ModelConfig, backend: BackendConfig) -> str:
+    """The name of the model that actually answers: an OpenAI-compatible endpoint serves `backend.api_model`."""
+    return backend.api_model if backend.name == "openai" and backend.api_model else model_cfg.name
 
 
 def judge_setup(cfg: UnifitConfig) -> tuple[ModelConfig, BackendConfig, Optional[str]]:
@@ -55,20 +60,31 @@ def judge_setup(cfg: UnifitConfig) -> tuple[ModelConfig, BackendConfig, Optional
     model = cfg.judge or cfg.model
     backend = cfg.judge_backend or cfg.backend
     caveat = None
-    if model == cfg.model:
+    if model == cfg.model and served_model(model, backend) in (model.name, model.path):
         caveat = f"the judge is the judged base model itself ({model.name}); its verdicts are only a smoke test"
     elif backend.name == "hf" and model.source in ("embedded", "random"):
         caveat = f"the judge is a small local model ({model.name}, {model.source}); its verdicts are only a smoke test"
     return model, backend, caveat
 
 
+def answer_backend(cfg: UnifitConfig) -> BackendConfig:
+    """How the compared models answer: `evaluate.answer_backend`, else the run's backend unless that is an
+    OpenAI-compatible endpoint, which serves its own model, never this run's base or fine-tuned weights (hf then)."""
+    if cfg.evaluate.answer_backend is not None:
+        return cfg.evaluate.answer_backend
+    if cfg.backend.name == "openai":
+        return BackendConfig(name="hf", cache=cfg.backend.cache)
+    return cfg.backend
+
+
 def default_answer_fn(cfg: UnifitConfig) -> AnswerFn:
-    """Answers through `generate_with_ray` with the run's backend (the same settings for every model)."""
+    """Answers through `generate_with_ray` with `answer_backend` (the same settings for every model)."""
+    answer_cfg = dataclasses.replace(cfg, backend=answer_backend(cfg))
 
     def answer(model_cfg: ModelConfig, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         from unifit.llm.ray_generate import generate_with_ray
 
-        return generate_with_ray(cfg, conversations, params, model_cfg=model_cfg, desc=f"answers {model_cfg.name}")
+        return generate_with_ray(answer_cfg, conversations, params, model_cfg=model_cfg, desc=f"answers {model_cfg.name}")
 
     return answer
 

@@ -2,7 +2,8 @@
 
 A chunk of leaves is one batched leaf call (plus retry rounds) and one batched call per follow-up
 turn, so the Ray actor pool always sees large batches. Filters are applied per question/answer pair:
-unparsable (after retries), truncated (finish_reason "length"), refusal, empty, too short, too long.
+unparsable (after retries; also a reply in another script than the prompt, or cut off before one whole
+item), truncated (finish_reason "length"), refusal, wrong language, empty, too short, too long.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 from typing import Callable, Optional, Sequence, TypeVar
 
 from unifit.config import GenerateConfig
-from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, is_refusal, parse_list, parse_qa
+from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, drop_last, foreign_script, is_refusal, parse_list, parse_qa
 from unifit.generation.tree import Node
 from unifit.llm.base import Conversation, GenerationParams
 from unifit.records import Instance
@@ -35,6 +36,8 @@ def reject_reason(question: str, answer: str, gen: GenerateConfig) -> Optional[s
         return "empty"
     if is_refusal(answer) or is_refusal(question):
         return "refusal"
+    if foreign_script(answer, question):
+        return "wrong_language"
     if len(answer.strip()) < gen.min_answer_chars:
         return "too_short"
     if len(answer.strip()) > gen.max_answer_chars:
@@ -77,7 +80,7 @@ def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Call
                 gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, counts: Counter[str],
                 truncated_key: str) -> list[tuple[Node, T]]:
     """One reply per leaf, parsed into items; a cut-off reply loses its last item (where the cut happened), at most q kept."""
-    asked = ask_parsed(generate_fn, prompts, params, parse, gen.max_retries)
+    asked = ask_parsed(generate_fn, prompts, params, parse, gen.max_retries, cut=drop_last)
     counts["leaf_calls"] += sum(a.attempts for a in asked)
     counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
     kept: list[tuple[Node, T]] = []
@@ -85,9 +88,8 @@ def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Call
         if result.value is None:
             counts["unparsable_leaf_replies"] += 1
             continue
-        items = list(result.value)
+        items = list(result.value)  # without the item the cut fell in
         if result.completion.finish_reason == "length":
-            items = items[:-1]
             counts[truncated_key] += 1
         if len(items) > gen.questions_per_leaf:
             counts["dropped_over_q"] += len(items) - gen.questions_per_leaf
@@ -127,15 +129,14 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
             prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
             asked = ask_parsed(generate_fn, prompts, params, parse_question, gen.max_retries)
         else:
-            asked = ask_parsed(generate_fn, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries)
+            asked = ask_parsed(generate_fn, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries,
+                               cut=drop_last)
         counts["followup_calls"] += sum(a.attempts for a in asked)
         counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
         candidates: list[tuple[int, str, Optional[str]]] = []
         for index, result in zip(active, asked):
             if result.value is None:
                 counts["followup_unparsable"] += 1
-            elif result.completion.finish_reason == "length" and gen.leaf_mode != "two_step":
-                counts["followup_truncated"] += 1
             elif gen.leaf_mode == "two_step":
                 candidates.append((index, result.value, None))
             else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import unicodedata
+from collections import Counter
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from unifit.llm.base import Completion, Conversation, GenerationParams
@@ -88,9 +90,9 @@ def _strings_from_json(value: Any) -> Optional[list[str]]:
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) == 1:
             return _strings_from_json(lists[0])
-        if value and all(isinstance(v, str) for v in value.values()):  # {"1": "a", "2": "b"}
+        if value and all(isinstance(v, str) and re.search(r"\d", str(k)) for k, v in value.items()):  # {"1": "a", "2": "b"}
             return list(value.values())
-        return None
+        return None  # e.g. {"summary": "prose"}: one string under a name is not a list
     if not isinstance(value, list):
         return None
     items: list[str] = []
@@ -198,13 +200,55 @@ def is_refusal(text: str) -> bool:
     return any(pattern in opening for pattern in REFUSAL_PATTERNS)
 
 
+def _script(char: str) -> str:
+    """The writing system of a letter, from its Unicode name: LATIN, CYRILLIC, CJK, ARABIC, HANGUL, ..."""
+    return unicodedata.name(char, "?").split(" ")[0]
+
+
+def foreign_script(text: str, reference: str) -> bool:
+    """True when most letters of `text` are in a writing system that `reference` (the prompt) does not use at all.
+
+    Catches a reply in another language than the prompt's (Chinese or Russian for an English prompt)
+    without a language model; another language in the same script (German for English) is not caught.
+    The first 2,000 characters decide, so a long answer costs no more than a short one.
+    """
+    scripts = Counter(_script(c) for c in text[:2000] if c.isalpha())
+    if not scripts:
+        return False
+    dominant, count = scripts.most_common(1)[0]
+    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in reference)
+
+
+def drop_last(items: list[T], text: str) -> list[T]:
+    """What survives a reply cut off by the token limit: every item but the last, where the cut fell."""
+    return items[:-1]
+
+
+def drop_cut_name(items: list[T], text: str) -> list[T]:
+    """What survives a cut-off concept list: the last name too when the cut fell in its description."""
+    return items if name_survives_cut(text) else items[:-1]
+
+
 @dataclasses.dataclass
 class Asked:
-    """Outcome of one request after retries: the parsed value (None = failed) and the last completion."""
+    """Outcome of one request after retries: the parsed value (None = failed), the last completion, items lost to a cut."""
 
     value: Any
     completion: Completion
     attempts: int
+    cut_items: int = 0
+
+
+def _parse_reply(completion: Completion, conversation: Conversation, parse: Callable[[str], Optional[Any]],
+                 cut: Optional[Callable[[Any, str], Any]]) -> tuple[Any, int]:
+    """The parsed value (None = unusable) and how many items the cut took."""
+    if foreign_script(completion.text, " ".join(m["content"] for m in conversation)):
+        return None, 0
+    value = parse(completion.text)
+    if value is None or cut is None or completion.finish_reason != "length":
+        return value, 0
+    kept = cut(value, completion.text)
+    return (kept or None), len(value) - len(kept)
 
 
 def ask_parsed(
@@ -213,9 +257,13 @@ def ask_parsed(
     params: GenerationParams,
     parse: Callable[[str], Optional[T]],
     max_retries: int,
+    cut: Optional[Callable[[T, str], T]] = None,
 ) -> list[Asked]:
-    """Ask every conversation in one batched call; re-ask only the unparsable ones, at most `max_retries` times.
+    """Ask every conversation in one batched call; re-ask only the unusable replies, at most `max_retries` times.
 
+    Unusable: `parse` returns None, or the reply is in another writing system than the prompt, or (with
+    `cut`, for list-valued parses) it was cut off by the token limit and `cut(items, text)` leaves nothing
+    whole, so a reply truncated inside its first item is re-asked rather than read as an empty list.
     Each retry uses a different seed: with a completion cache, re-asking with the same seed would
     return the same bad reply. The seed offset is the attempt number, so a rerun hits the cache.
     """
@@ -230,8 +278,8 @@ def ask_parsed(
             raise RuntimeError(f"generate_fn returned {len(completions)} completions for {len(pending)} conversations")
         still: list[int] = []
         for index, completion in zip(pending, completions):
-            value = parse(completion.text)
-            results[index] = Asked(value, completion, attempt + 1)
+            value, cut_items = _parse_reply(completion, conversations[index], parse, cut)
+            results[index] = Asked(value, completion, attempt + 1, cut_items)
             if value is None:
                 still.append(index)
         pending = still

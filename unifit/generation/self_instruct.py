@@ -20,7 +20,7 @@ from typing import Optional
 from unifit.config import GenerateConfig
 from unifit.generation.dedup import NearDuplicateIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
-from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, parse_list
+from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, drop_last, parse_list
 from unifit.generation.tree import node_id
 from unifit.llm.base import GenerationParams
 from unifit.records import Instance
@@ -101,48 +101,27 @@ def run_self_instruct(
     for task in seeds:
         novelty.remember(task)
     machine: list[str] = []
+    unanswered: list[str] = []  # kept instructions not answered yet: answered first, before asking for more
     instances: list[Instance] = []
     counts: Counter[str] = Counter(seed_tasks=len(seeds))
     stalled = 0
     for round_index in range(gen.self_instruct_max_rounds):
-        if len(instances) >= target or stalled >= STALL_ROUNDS:
+        needed = target - len(instances)
+        if needed <= 0 or stalled >= STALL_ROUNDS:
             break
         counts["rounds"] += 1
-        n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil((target - len(instances)) / gen.self_instruct_new_per_prompt))
-        prompts = []
-        for _ in range(n_prompts):
-            n_machine = min(2, len(machine))
-            examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
-            rng.shuffle(examples)
-            prompts.append(_prompt(gen, domain, examples))
         round_params = dataclasses.replace(params, seed=params.seed + round_index * (gen.max_retries + 1))
-        asked = ask_parsed(generate_fn, prompts, round_params, lambda text: parse_list(text, clean_item), gen.max_retries)
-        counts["instruction_calls"] += sum(a.attempts for a in asked)
-        new: list[str] = []
-        for result in asked:
-            if result.value is None:
-                counts["unparsable_instruction_replies"] += 1
-                continue
-            items = list(result.value)
-            if result.completion.finish_reason == "length" and items:
-                items = items[:-1]
-                counts["truncated_instruction_lists"] += 1
-            for instruction in items:
-                reason = unsuitable(instruction)
-                if reason:
-                    counts[f"instruction_{reason}"] += 1
-                elif not novelty.add(instruction):
-                    counts["instruction_not_novel"] += 1
-                else:
-                    new.append(instruction)
-        machine.extend(new)
-        counts["instructions_kept"] += len(new)
-        stalled = 0 if new else stalled + 1
-        if not new:
+        if len(unanswered) < needed:
+            new = _new_instructions(gen, domain, seeds, machine, novelty, rng, generate_fn, round_params, needed - len(unanswered), counts)
+            machine.extend(new)
+            unanswered.extend(new)
+            stalled = 0 if new else stalled + 1
+        batch, unanswered = unanswered[:needed], unanswered[needed:]  # answer only what the target still needs
+        if not batch:
             continue
-        answers = generate_fn([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in new], round_params)
-        counts["answer_calls"] += len(new)
-        for task, completion in zip(new, answers):
+        answers = generate_fn([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in batch], round_params)
+        counts["answer_calls"] += len(batch)
+        for task, completion in zip(batch, answers):
             if completion.finish_reason == "length":
                 counts["answer_truncated"] += 1
                 continue
@@ -153,8 +132,41 @@ def run_self_instruct(
             messages = [{"role": "user", "content": task}, {"role": "assistant", "content": completion.text.strip()}]
             instances.append(Instance(messages=messages, leaf_id=node_id([domain]), concept_path=[domain],
                                       source="self_instruct", generator=generator))
-        log.info("self-instruct round %d: %d new instructions, %d/%d instances", round_index + 1, len(new), len(instances), target)
+        log.info("self-instruct round %d: %d answered, %d/%d instances", round_index + 1, len(batch), len(instances), target)
+    counts["instructions_unanswered"] = len(unanswered)
     counts["stopped_below_target"] = int(len(instances) < target)
-    instances = instances[:target]
     counts["instances"] = len(instances)
     return instances, counts
+
+
+def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machine: list[str], novelty: NoveltyFilter,
+                      rng: random.Random, generate_fn: GenerateFn, params: GenerationParams, wanted: int,
+                      counts: Counter[str]) -> list[str]:
+    """One round of instruction bootstrapping: enough prompts for `wanted` new tasks, filtered and novel."""
+    n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil(wanted / gen.self_instruct_new_per_prompt))
+    prompts = []
+    for _ in range(n_prompts):
+        n_machine = min(2, len(machine))
+        examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
+        rng.shuffle(examples)
+        prompts.append(_prompt(gen, domain, examples))
+    asked = ask_parsed(generate_fn, prompts, params, lambda text: parse_list(text, clean_item), gen.max_retries, cut=drop_last)
+    counts["instruction_calls"] += sum(a.attempts for a in asked)
+    new: list[str] = []
+    for result in asked:
+        if result.value is None:
+            counts["unparsable_instruction_replies"] += 1
+            continue
+        items = list(result.value)  # without the item the cut fell in
+        if result.completion.finish_reason == "length":
+            counts["truncated_instruction_lists"] += 1
+        for instruction in items:
+            reason = unsuitable(instruction)
+            if reason:
+                counts[f"instruction_{reason}"] += 1
+            elif not novelty.add(instruction):
+                counts["instruction_not_novel"] += 1
+            else:
+                new.append(instruction)
+    counts["instructions_kept"] += len(new)
+    return new

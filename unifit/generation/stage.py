@@ -172,8 +172,8 @@ def run(ctx: StageContext, generate_fn: Optional[GenerateFn] = None) -> dict[str
         "near_duplicates": dedup_counts["near_duplicates"],
         "expansion_failed": tree.counts["expansion_failed"],
     }
-    for key in ("unparsable_leaf_replies", "truncated", "refusal", "too_short", "too_long", "empty", "followup_unparsable",
-                "followup_truncated", "shards_generated", "shards_resumed"):
+    for key in ("unparsable_leaf_replies", "truncated", "refusal", "wrong_language", "too_short", "too_long", "empty",
+                "followup_unparsable", "followup_truncated", "shards_generated", "shards_resumed"):
         result[key] = leaf_counts.get(key, 0)
     if cfg.generate.self_instruct:
         result["self_instruct_instances"] = report["self_instruct"]["instances"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 from unifit.config import GenerateConfig
 from unifit.fingerprint import fingerprint
-from unifit.generation.parsing import GenerateFn, ask_parsed, concept_key, name_survives_cut, parse_list
+from unifit.generation.parsing import GenerateFn, ask_parsed, concept_key, drop_cut_name, parse_list
 from unifit.llm.base import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def build_tree(domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params
         if not frontier:
             break
         conversations = [subconcept_conversation(gen, domain, node, json_mode) for node in frontier]
-        asked = ask_parsed(generate_fn, conversations, params, parse_list, gen.max_retries)
+        asked = ask_parsed(generate_fn, conversations, params, parse_list, gen.max_retries, cut=drop_cut_name)
         counts["expansion_calls"] += sum(a.attempts for a in asked)
         counts["expansion_retries"] += sum(a.attempts - 1 for a in asked)
         next_frontier: list[Node] = []
@@ -124,12 +124,10 @@ def build_tree(domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params
                 node.status = FAILED
                 counts["expansion_failed"] += 1
                 continue
-            items = list(result.value)
-            if result.completion.finish_reason == "length" and items:
+            items = list(result.value)  # a cut-off reply has lost the name the cut fell in (ask_parsed's `cut`)
+            if result.completion.finish_reason == "length":
                 counts["truncated_lists"] += 1
-                if not name_survives_cut(result.completion.text):  # the cut may have fallen inside the last name
-                    items = items[:-1]
-                    counts["dropped_cut_names"] += 1
+                counts["dropped_cut_names"] += result.cut_items
             seen = {concept_key(c) for c in node.path}
             siblings: set[str] = set()
             for item in items:

@@ -6,6 +6,7 @@ config object, so config dumps, logs and W&B cannot contain it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -72,7 +73,8 @@ class OpenAIChatModel:
                 if error.code not in RETRYABLE_STATUS:
                     raise EndpointError(f"{self.url} refused the request ({last_error}); check backend.url, "
                                         f"backend.api_model and ${self.api_key_env}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as error:
+            except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError) as error:
+                # connection/timeout failures and malformed bodies (not JSON, no choices): retried like a 5xx
                 last_error = type(error).__name__
             if attempt < self.max_retries:
                 delay = self.backoff_base_s * (2**attempt) * (1 + random.random() * 0.1)

@@ -47,15 +47,16 @@ class ShardScorer:
     """Ray Data actor: loads the scoring model once, then scores and writes whole shards."""
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
-                 max_tokens_per_batch: int, chat_template: Optional[str] = None) -> None:
+                 max_tokens_per_batch: int, chat_template: Optional[str] = None, trust_remote_code: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if chat_template:
             self.tokenizer.chat_template = chat_template
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,
+                                                          trust_remote_code=trust_remote_code).to(device).eval()
         self.out_dir = Path(out_dir)
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -83,11 +84,13 @@ class ShardScorer:
 
 def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
-                  max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None) -> dict[str, int]:
+                  max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
+                  trust_remote_code: bool = False) -> dict[str, int]:
     """Score `rows` (instances) into `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
     Ray must already be initialised. GPU actors (gpus_per_actor > 0) run the model in `dtype`; CPU actors
     always use float32 (bf16 matmuls on CPU are slow and lose the precision IFD ratios need).
+    `trust_remote_code` is the model config's: the exported scoring model of Baichuan2/Qwen-7B keeps their code.
     """
     import ray
 
@@ -107,7 +110,8 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
         on_gpu = gpus_per_actor > 0
         constructor = dict(model_dir=str(model_dir), out_dir=str(out_dir), device="cuda" if on_gpu else "cpu",
                            dtype=dtype if on_gpu else "float32", max_length=max_length,
-                           max_tokens_per_batch=max_tokens_per_batch, chat_template=chat_template)
+                           max_tokens_per_batch=max_tokens_per_batch, chat_template=chat_template,
+                           trust_remote_code=trust_remote_code)
         pool = ray.data.ActorPoolStrategy(size=min(actors, len(todo)))
         ray.data.from_items(items).map_batches(
             ShardScorer, batch_size=1, compute=pool, fn_constructor_kwargs=constructor, num_cpus=cpus_per_actor,

@@ -52,6 +52,7 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
         cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=cfg.model.dtype,
         max_length=cfg.model.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
         shard_size=cfg.select.score_shard_size, chat_template=cfg.model.chat_template,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     seconds = time.perf_counter() - start
     scores = read_parquet(ctx.out_dir / "scores")

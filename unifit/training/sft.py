@@ -117,7 +117,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
     from ray.train.torch import TorchTrainer
 
     from unifit.models import load_tokenizer, resolve_model_dir
-    from unifit.raycluster import ensure_ray
+    from unifit.raycluster import cpus_per_train_worker, ensure_ray
     from unifit.stage import read_json, write_json
     from unifit.training.data import encode_instances, pack_examples, shuffled
 
@@ -163,7 +163,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
         "on_step": on_step,
     }
     ensure_ray(cfg.cluster)
-    worker_resources = {"CPU": cfg.cluster.cpus_per_actor, **({"GPU": 1} if use_gpu else {})}
+    worker_resources = {"CPU": cpus_per_train_worker(cfg.cluster), **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

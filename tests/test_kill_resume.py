@@ -1,0 +1,181 @@
+"""Kill -9 the smoke pipeline inside each stage, rerun the same command, and prove nothing finished is redone.
+
+One run directory and one cold completion cache; the command is killed (SIGKILL to its whole process group,
+Ray included) as soon as the run reaches each kill point, in pipeline order, then run once more to the end.
+Checks: the run completes; shards, checkpoints, answers and model calls finished before each kill are reused,
+not recomputed (counted); the datasets equal those of the uninterrupted reference run (`smoke_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import REPO, SmokeRun, fresh_completion_cache, smoke_command, smoke_env
+from unifit.config import STAGES
+from unifit.records import read_parquet
+from unifit.stage import read_json
+from unifit.training.sft import latest_checkpoint
+
+UNCACHED = re.compile(r"ray_generate: (\S+)(?: \S+)?: (\d+) of \d+ conversations not cached")  # "judge smollm2_135m: 6 of 6 ..."
+POLL_S = 0.05
+
+
+def _done(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / "manifest.json").exists()
+
+
+def _files(run_dir: Path, pattern: str) -> dict[str, tuple[int, int]]:
+    """Path -> (inode, mtime_ns): an atomic rewrite (temp file + rename) changes the inode, so reuse is provable."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(run_dir.glob(pattern))}
+
+
+@dataclass
+class KillPoint:
+    stage: str
+    where: str
+    reached: Callable[[Path, str], bool]  # (run_dir, this attempt's log so far) -> kill now?
+    kept: str = ""  # glob of the files finished before the kill that the rerun must reuse untouched
+
+
+KILL_POINTS = [
+    KillPoint("generate", "mid-shards: the first leaf shard is written, the second is not",
+              lambda run, log: (run / "generate/raw/shard-00000.parquet").exists()
+              and not (run / "generate/raw/shard-00001.parquet").exists(), "generate/raw/shard-*.parquet"),
+    KillPoint("train_scorer", "mid-epoch: the step-1 checkpoint is on storage, step 2 is running",
+              lambda run, log: latest_checkpoint(run / "train_scorer/ray") is not None, ""),
+    KillPoint("score", "mid-shards: some IFD shards are written, not all",
+              lambda run, log: bool(list((run / "score/scores").glob("shard-*.parquet"))), "score/scores/shard-*.parquet"),
+    KillPoint("evaluate", "mid-judging: both models answered, the first judge call is done",
+              lambda run, log: (run / "evaluate/answers.parquet").exists() and _judge_calls_after_answers(log) >= 2,
+              "evaluate/answers.parquet"),
+]
+
+
+def _judge_calls_after_answers(log: str) -> int:
+    """Judge calls logged after the last answering call (the second one starting means the first finished)."""
+    calls = [m.group(1) for m in UNCACHED.finditer(log)]
+    answered = [i for i, desc in enumerate(calls) if desc == "answers"]
+    return sum(1 for desc in calls[answered[-1] + 1:] if desc == "judge") if answered else 0
+
+
+@dataclass
+class Attempt:
+    log: str
+    killed_at: str = ""
+    kept: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def uncached(self) -> list[tuple[str, int]]:
+        return [(m.group(1), int(m.group(2))) for m in UNCACHED.finditer(self.log)]
+
+
+def _process_group_gone(pgid: int, timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(stat.parent.name)
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _attempt(run_dir: Path, env: dict[str, str], point: KillPoint | None, timeout: float = 600) -> Attempt:
+    """Run the smoke command; with a kill point, SIGKILL its process group the moment the point is reached."""
+    log_path = run_dir / "unifit.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    command = smoke_command(run_dir, "train.checkpoint_every=1")  # not fingerprinted: same run as the reference
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        log = log_path.read_text()[offset:] if log_path.exists() else ""
+        if point is not None and not _done(run_dir, point.stage) and point.reached(run_dir, log):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert _process_group_gone(proc.pid), "processes of the killed run survived SIGKILL"
+            kept = _files(run_dir, point.kept) if point.kept else {}
+            return Attempt(log_path.read_text()[offset:], killed_at=point.stage, kept=kept)
+        time.sleep(POLL_S)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"run did not finish within {timeout}s")
+    stderr = proc.stderr.read() if proc.stderr else ""
+    log = log_path.read_text()[offset:]
+    assert point is None, f"the run ended (exit {proc.returncode}) before reaching {point.stage} {point.where}:\n{stderr[-3000:]}"
+    assert proc.returncode == 0, stderr[-4000:]
+    return Attempt(log)
+
+
+def _by_id(rows: list[dict]) -> dict[str, dict]:
+    return {row["id"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_killed_in_every_stage_resumes_without_redoing_finished_work(smoke_run: SmokeRun, tmp_path: Path, cache_dir: Path) -> None:
+    assert smoke_run.result.returncode == 0, smoke_run.result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    completion_cache = fresh_completion_cache(tmp_path / "cache", cache_dir)
+    env = smoke_env(completion_cache)
+    killed = [_attempt(run_dir, env, point) for point in KILL_POINTS]
+    final = _attempt(run_dir, env, None)
+    attempts = [*killed, final]
+
+    for stage in STAGES:
+        assert _done(run_dir, stage), f"{stage} did not finish after the reruns"
+    metrics = {stage: entry["metrics"] for stage, entry in read_json(run_dir / "timings.json")["stages"].items()}
+    after = dict(zip([p.stage for p in KILL_POINTS], attempts[1:]))  # the attempt that resumed each killed stage
+
+    # Generation: leaf shards finished before the kill are reused as they are (same inode, never rewritten).
+    generated = killed[0].kept
+    assert generated and generated.items() <= _files(run_dir, KILL_POINTS[0].kept).items()
+    assert metrics["generate"]["shards_resumed"] == len(generated)
+    # Training: the rerun resumed from the step-1 checkpoint, not from step 0.
+    assert "resuming from step 1" in after["train_scorer"].log
+    assert read_json(run_dir / "train_scorer" / "metrics.json")["resumed_from_step"] == 1
+    # IFD scoring: shards written before the kill are reused, only the rest computed.
+    scored = killed[2].kept
+    assert scored and scored.items() <= _files(run_dir, KILL_POINTS[2].kept).items()
+    assert metrics["score"]["shards_reused"] == len(scored) and metrics["score"]["shards_computed"] == metrics["score"]["shards"] - len(scored)
+    # Evaluation: answers are not asked again; the judge call finished before the kill comes from the cache.
+    assert killed[3].kept.items() <= _files(run_dir, KILL_POINTS[3].kept).items()
+    resumed_eval = after["evaluate"].uncached()
+    assert not [call for call in resumed_eval if call[0] == "answers"], resumed_eval
+    judge_calls_before = [n for desc, n in killed[3].uncached() if desc == "judge"]
+    assert len(judge_calls_before) >= 3  # test questions, then >= 2 judging calls (the last one in flight)
+
+    # Model calls: everything computed was cached once; only calls in flight at a kill were paid twice.
+    with sqlite3.connect(completion_cache / "completions.sqlite") as db:
+        distinct = db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+    computed = sum(n for attempt in attempts for _, n in attempt.uncached())
+    in_flight = sum(attempt.uncached()[-1][1] for attempt in killed if attempt.uncached())
+    assert distinct <= computed <= distinct + in_flight, (distinct, computed, in_flight)
+
+    # The datasets equal those of the uninterrupted run with the same seed.
+    reference = smoke_run.run_dir
+    for folder in ("generate/instances", "sample", "select"):
+        ours, theirs = read_parquet(run_dir / folder), read_parquet(reference / folder)
+        assert ours and [r["id"] for r in ours] == [r["id"] for r in theirs], folder
+        assert [r["messages"] for r in ours] == [r["messages"] for r in theirs], folder
+    ours, theirs = _by_id(read_parquet(run_dir / "score/scores")), _by_id(read_parquet(reference / "score/scores"))
+    assert ours.keys() == theirs.keys()
+    for key, row in ours.items():
+        assert row["ifd"] == pytest.approx(theirs[key]["ifd"], abs=1e-4), key
+    print(json.dumps({"kill_points": [f"{p.stage}: {p.where}" for p in KILL_POINTS], "model_calls_computed": computed,
+                      "distinct_calls": distinct, "paid_twice": computed - distinct}))
