@@ -65,3 +65,15 @@ def test_bad_values_name_the_field(override: str, field: str) -> None:
 def test_unknown_key_fails_at_composition() -> None:
     with pytest.raises(Exception, match="ratoi"):
         compose_config(["select.ratoi=0.1"])
+
+
+def test_generator_and_scorer_are_model_configs_chosen_on_the_command_line() -> None:
+    default = compose_config([])
+    assert (default.generator, default.scorer) == (None, None)
+    assert default.generation_model is default.scoring_model is default.model
+    cfg = compose_config(["+model@scorer=tiny_random"])
+    assert cfg.scoring_model.name == "tiny_random" and cfg.scoring_model.source == "random"
+    assert cfg.model.name == cfg.generation_model.name == "smollm2_135m"
+    sweep = compose_config(["+experiment=cyber_500k", "model=qwen_7b", "+model@generator=llama2_7b", "+model@scorer=mistral_7b"])
+    assert (sweep.model.name, sweep.generation_model.name, sweep.scoring_model.name) == ("qwen_7b", "llama2_7b", "mistral_7b")
+    assert sweep.name == "cyber_500k-qwen_7b"

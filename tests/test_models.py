@@ -130,3 +130,5 @@ def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, 
         model = ModelConfig(name="remote", source="random", random_init={"model_type": "llama"}, trust_remote_code=trusted)
         run_score(StageContext(UnifitConfig(model=model), tmp_path, "score"))
         assert built["trust_remote_code"] is trusted
+        run_score(StageContext(UnifitConfig(scorer=model), tmp_path, "score"))  # a separate scorer's setting, not the base model's
+        assert built["trust_remote_code"] is trusted

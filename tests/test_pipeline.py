@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from unifit import pipeline
-from unifit.config import STAGES, SelectConfig, UnifitConfig, WandbConfig
+from unifit.config import STAGES, ModelConfig, SelectConfig, UnifitConfig, WandbConfig
 from unifit.stage import StageContext, UserError
 
 
@@ -120,6 +120,42 @@ def test_shared_dir_computes_common_stages_once(tmp_path: Path, recorder: Record
     assert (tmp_path / "ratio_b" / "generate").resolve() == (tmp_path / "ratio_a" / "generate").resolve()
     timings = json.loads((tmp_path / "ratio_b" / "timings.json").read_text())
     assert timings["stages"]["score"]["shared"] is True and timings["stages"]["score"]["seconds"] >= 0
+
+
+SHARED_STAGES = ["generate", "sample", "train_scorer", "score", "select"]
+PER_MODEL_STAGES = ["finetune", "evaluate", "report"]
+
+
+def test_fingerprints_follow_generator_and_scorer_not_the_base_model() -> None:
+    writer, scorer = ModelConfig(name="writer"), ModelConfig(name="scorer")
+    prints = {name: pipeline.stage_fingerprints(UnifitConfig(model=ModelConfig(name=name), generator=writer, scorer=scorer))
+              for name in ("a", "b")}
+    assert all(prints["a"][s] == prints["b"][s] for s in SHARED_STAGES)
+    assert all(prints["a"][s] != prints["b"][s] for s in PER_MODEL_STAGES)
+    # unset = the base model, resolved before hashing: naming it explicitly changes nothing
+    model = ModelConfig(name="a")
+    assert pipeline.stage_fingerprints(UnifitConfig(model=model)) == \
+        pipeline.stage_fingerprints(UnifitConfig(model=model, generator=model, scorer=model))
+    other_scorer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=writer, scorer=model))
+    assert [other_scorer[s] == prints["a"][s] for s in STAGES] == [True, True] + [False] * 6
+    other_writer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=model, scorer=scorer))
+    assert all(other_writer[s] != prints["a"][s] for s in STAGES)
+
+
+def test_shared_dir_gives_models_one_generation_and_one_selection(tmp_path: Path, recorder: Recorder) -> None:
+    """slurm/sweep.sh: a job runs generate..select into the store and ends; each model's job starts after it."""
+    shared = dict(shared_dir=str(tmp_path / "shared"), generator=ModelConfig(name="writer"), scorer=ModelConfig(name="scorer"))
+    pipeline.run(make_cfg(tmp_path / "shared_run", model=ModelConfig(name="a"), stages=SHARED_STAGES, **shared))
+    assert recorder.calls == SHARED_STAGES
+    for name in ("a", "b"):
+        recorder.calls.clear()
+        pipeline.run(make_cfg(tmp_path / name, model=ModelConfig(name=name), **shared))
+        assert recorder.calls == PER_MODEL_STAGES
+        timings = json.loads((tmp_path / name / "timings.json").read_text())
+        assert all(timings["stages"][s]["shared"] for s in SHARED_STAGES)
+    for stage in SHARED_STAGES:
+        assert (tmp_path / "a" / stage).resolve() == (tmp_path / "b" / stage).resolve() == (tmp_path / "shared_run" / stage).resolve()
+    assert (tmp_path / "a" / "finetune").resolve() != (tmp_path / "b" / "finetune").resolve()
 
 
 def test_editing_the_imported_data_file_reruns_from_generate(tmp_path: Path, recorder: Recorder) -> None:

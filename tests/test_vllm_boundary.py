@@ -8,7 +8,7 @@ import pytest
 
 from unifit.config import BackendConfig, UnifitConfig
 from unifit.llm.base import GenerationParams
-from unifit.llm.vllm import build_vllm_processor, completions_from_rows, from_vllm_row, to_vllm_row
+from unifit.llm.vllm import build_vllm_processor, completions_from_rows, engine_kwargs, from_vllm_row, to_vllm_row
 from unifit.stage import UserError
 
 
@@ -30,6 +30,12 @@ def test_output_rows_become_ordered_completions_with_finish_reason() -> None:
     assert [(c.text, c.finish_reason) for c in completions] == [("done", "stop"), ("cut off", "length"), ("", "error")]
     with pytest.raises(RuntimeError, match="no row for 1"):
         completions_from_rows([from_vllm_row(emitted[0], 16)], 2)
+
+
+def test_engines_load_safetensors_only_and_trust_code_only_when_configured() -> None:
+    kwargs = engine_kwargs(BackendConfig(name="vllm", tensor_parallel_size=2), max_model_len=4096, trust_remote_code=False)
+    assert kwargs["load_format"] == "safetensors" and kwargs["trust_remote_code"] is False
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 4096
 
 
 def test_processor_builds_without_vllm_installed(tmp_path: Path) -> None:

@@ -326,7 +326,9 @@ class UnifitConfig:
     shared_dir: Optional[str] = None  # content-addressed stage store shared by sweep runs: a stage whose fingerprint is already there is linked, not rerun
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # subset to run, in pipeline order
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model fine-tuned into `variants` and compared as "native"
+    generator: Optional[ModelConfig] = None  # writes the concept tree, instances and Self-Instruct baseline (+model@generator=NAME); None = `model`. One generator for several models makes their generate stages equal, so shared_dir computes it once
+    scorer: Optional[ModelConfig] = None  # base of the IFD scoring model, trained on the sample by train_scorer and used by score (+model@scorer=NAME); None = `model`. One scorer for several models gives them one shared selection
     judge: Optional[ModelConfig] = None  # None = judge with `model` (smoke test only)
     judge_backend: Optional[BackendConfig] = None  # None = same as `backend` (e.g. openai for GPT-4 while generating with vllm)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -348,6 +350,16 @@ class UnifitConfig:
         _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
         names = [v.name for v in self.variants]
         _check(len(set(names)) == len(names), "variants", f"variant names must be distinct, got {names}")
+
+    @property
+    def generation_model(self) -> ModelConfig:
+        """The model that writes the data: `generator`, else the base model."""
+        return self.generator or self.model
+
+    @property
+    def scoring_model(self) -> ModelConfig:
+        """The base the IFD scoring model is trained from: `scorer`, else the base model."""
+        return self.scorer or self.model
 
 
 def register_configs() -> None:

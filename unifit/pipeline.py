@@ -26,11 +26,13 @@ from unifit.stage import StageContext, UserError, read_json, write_json
 log = logging.getLogger("unifit")
 
 # stage -> (config sections it reads, upstream stages whose outputs it reads, "module:function")
+# Generation and scoring read the resolved `generation_model` / `scoring_model`, not `model`: runs that differ
+# only in the base model share generate..select (one generation and one selection for a sweep).
 STAGE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "generate": (("domain", "seed", "model", "backend", "generate", "data"), (), "unifit.generation.stage:run"),
+    "generate": (("domain", "seed", "generation_model", "backend", "generate", "data"), (), "unifit.generation.stage:run"),
     "sample": (("sample",), ("generate",), "unifit.selection.stage:run_sample"),
-    "train_scorer": (("model", "train", "deepspeed"), ("sample",), "unifit.training.stage:run_scorer"),
-    "score": (("model", "select.max_tokens_per_batch"), ("generate", "train_scorer"), "unifit.selection.stage:run_score"),
+    "train_scorer": (("scoring_model", "train", "deepspeed"), ("sample",), "unifit.training.stage:run_scorer"),
+    "score": (("scoring_model", "select.max_tokens_per_batch"), ("generate", "train_scorer"), "unifit.selection.stage:run_score"),
     "select": (("select",), ("generate", "score"), "unifit.selection.stage:run_select"),
     "finetune": (("model", "train", "deepspeed", "variants"), ("generate", "select"), "unifit.training.stage:run_finetune"),
     "evaluate": (("model", "judge", "backend", "judge_backend", "evaluate", "variants", "seed"), ("generate", "finetune"),
@@ -41,6 +43,9 @@ STAGE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 _SERVING = frozenset({"batch_size", "cache", "max_retries", "timeout_s", "url", "api_key_env", "gpu_memory_utilization"})
 NOT_FINGERPRINTED = {"backend": _SERVING, "judge_backend": _SERVING,
                      "train": frozenset({"checkpoint_every", "keep_checkpoints", "max_failures"})}
+# Resolved model sections are hashed under the key `model`, as before `generator`/`scorer` existed: a run that
+# sets neither keeps its fingerprints, so its finished stages (and a shared store) stay valid.
+FINGERPRINT_KEY = {"generation_model": "model", "scoring_model": "model"}
 MANIFEST = "manifest.json"
 IN_PROGRESS = ".in_progress.json"
 
@@ -74,7 +79,7 @@ def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
     for stage in STAGES:
         sections, upstream, _ = STAGE_SPECS[stage]
         prints[stage] = fingerprint({
-            "stage": stage, "config": {s: _section(cfg, s) for s in sections},
+            "stage": stage, "config": {FINGERPRINT_KEY.get(s, s): _section(cfg, s) for s in sections},
             "upstream": {u: prints[u] for u in upstream}, "inputs": inputs.get(stage, {}),
         })
     return prints

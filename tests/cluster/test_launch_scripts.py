@@ -1,4 +1,5 @@
-"""launch/ray_env.sh decisions (GPUs per node, port clashes) and launch/cluster_env.py failing fast.
+"""launch/ray_env.sh decisions (GPUs per node, port clashes), launch/cluster_env.py failing fast, and the
+job plan of slurm/sweep.sh.
 
 These run the real shell functions with the environments Slurm and a VM give a node; no cluster needed.
 """
@@ -6,6 +7,7 @@ These run the real shell functions with the environments Slurm and a VM give a n
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -15,10 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
+from conftest import compose_config, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_ENV = REPO / "launch" / "ray_env.sh"
+SWEEP = REPO / "slurm" / "sweep.sh"
+SHARED_STAGES = ["generate", "sample", "train_scorer", "score", "select"]
 
 
 def _bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -141,3 +145,56 @@ def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: P
         leftover = processes_mentioning(temp)
         shutil.rmtree(temp, ignore_errors=True)
     assert leftover == [], leftover
+
+
+def _sweep_plan(*overrides: str, **env: str) -> list[list[str]]:
+    """The sbatch commands slurm/sweep.sh would submit (SWEEP_DRY_RUN=1), each split into its arguments."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SWEEP_")}
+    result = subprocess.run(["bash", str(SWEEP), *overrides], env={**clean, "SWEEP_DRY_RUN": "1", **env},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line)[1:] for line in result.stderr.splitlines() if line.startswith("sbatch ")]
+
+
+def _option(command: list[str], name: str) -> str:
+    return next(arg.split("=", 1)[1] for arg in command if arg.startswith(f"--{name}="))
+
+
+def _hydra_args(command: list[str]) -> list[str]:
+    return command[command.index("slurm/unifit.sbatch") + 1:]
+
+
+def test_sweep_plan_shares_one_generation_and_one_selection() -> None:
+    models = ["llama2_7b", "mistral_7b", "baichuan2_7b", "qwen_7b"]
+    plan = _sweep_plan("train.epochs=2", SWEEP_SCORER="mistral_7b", SWEEP_SBATCH_ARGS="--partition=gpu --nodes=2",
+                       SWEEP_CPU_SBATCH_ARGS="--partition=cpu")
+    shared, runs, report = plan[0], plan[1:-1], plan[-1]
+    assert [_option(c, "job-name") for c in plan] == ["unifit-shared", *[f"unifit-{m}" for m in models], "unifit-report"]
+    common = ["+experiment=cyber_500k", "+model@generator=llama2_7b", "+model@scorer=mistral_7b", "shared_dir=runs/shared"]
+    assert _hydra_args(shared) == [*common, "model=llama2_7b", "run_dir=runs/cyber_500k-shared",
+                                   f"stages=[{','.join(SHARED_STAGES)}]", "train.epochs=2"]
+    for model, command in zip(models, runs):
+        assert _option(command, "dependency") == "afterok:<unifit-shared>" and "--kill-on-invalid-dep=yes" in command
+        assert _hydra_args(command) == [*common, f"model={model}", f"run_dir=runs/cyber_500k-{model}", "train.epochs=2"]
+    for command in (shared, *runs):
+        assert command[:2] == ["--partition=gpu", "--nodes=2"]
+    assert "--partition=cpu" in report and "--gpus-per-node=0" in report and "--partition=gpu" not in report
+    assert _option(report, "dependency") == "afterany:" + ":".join(f"<unifit-{m}>" for m in models)
+    assert shlex.split(report[-1]) == ["python", "-m", "unifit.report", *[f"runs/cyber_500k-{m}" for m in models],
+                                       "--out", "runs/cyber_500k-sweep-report"]
+    assert not any("data.path" in arg for command in plan for arg in command)  # no import of a merged copy any more
+
+
+def test_sweep_jobs_agree_on_the_shared_stages_fingerprints() -> None:
+    """What the model jobs find in shared_dir is exactly what the first job computed: equal fingerprints
+    (composing the printed overrides needs no weights: the 7B configs are hub ids)."""
+    from unifit.pipeline import stage_fingerprints
+
+    plan = _sweep_plan()
+    configs = [compose_config(_hydra_args(command)) for command in plan[:-1]]
+    prints = [stage_fingerprints(cfg) for cfg in configs]
+    assert configs[0].stages == SHARED_STAGES and all(len(cfg.stages) == 8 for cfg in configs[1:])
+    assert {cfg.shared_dir for cfg in configs} == {"runs/shared"}
+    for stage in SHARED_STAGES:
+        assert len({p[stage] for p in prints}) == 1, stage
+    assert len({p["finetune"] for p in prints[1:]}) == len(prints) - 1  # each model tunes (and is judged) on its own

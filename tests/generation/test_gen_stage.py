@@ -116,6 +116,17 @@ def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
     assert rerun.calls == []
 
 
+def test_instances_name_the_generator_not_the_base_model(tmp_path) -> None:
+    import dataclasses
+
+    from unifit.config import ModelConfig
+
+    cfg = dataclasses.replace(make_cfg(tmp_path, self_instruct=True), generator=ModelConfig(name="writer"))
+    run(context(cfg), Scripted())
+    out = context(cfg).out_dir
+    assert {r["generator"] for r in read_parquet(out / "instances") + read_parquet(out / "self_instruct")} == {"writer"}
+
+
 def test_self_instruct_gives_up_when_model_stops_producing(tmp_path) -> None:
     cfg = make_cfg(tmp_path, self_instruct_prompts_per_round=1)
     model = Scripted(override=lambda prompt, seed: Completion("I'm sorry, I cannot come up with more tasks.", "stop"))

@@ -123,7 +123,7 @@ def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: 
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))
 
 
-def test_exhausted_restarts_name_the_last_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
+def test_exhausted_restarts_name_the_last_checkpoint_and_a_rerun_resumes_there(tmp_path: Path, cache_dir: Path) -> None:
     import functools
 
     cfg = _config(cache_dir, zero_stage=2, max_steps=4, checkpoint_every=1, max_failures=0)
@@ -133,3 +133,8 @@ def test_exhausted_restarts_name_the_last_checkpoint(tmp_path: Path, cache_dir: 
     assert "max_failures=0" in message and "(step 1)" in message
     assert str(tmp_path / "out" / "ray") in message
     assert not (tmp_path / "out" / "model").exists()
+
+    # Rerunning the same call (what a rerun of the stage does) resumes from that checkpoint, not from step 0.
+    metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=0.0)
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 4
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from unifit.config import UnifitConfig, VariantConfig
+from unifit.config import ModelConfig, UnifitConfig, VariantConfig
+from unifit.records import Instance, write_instances
 from unifit.stage import StageContext, UserError, write_json
 from unifit.training.stage import run_finetune, run_scorer
 
@@ -39,3 +40,24 @@ def test_missing_upstream_data_names_the_file(tmp_path: Path) -> None:
         run_finetune(StageContext(cfg=cfg, run_dir=tmp_path, name="finetune"))
     with pytest.raises(UserError, match="sample/sample.parquet is missing"):
         run_scorer(StageContext(cfg=cfg, run_dir=tmp_path, name="train_scorer"))
+
+
+def test_scorer_trains_from_scorer_and_variants_from_the_base_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import unifit.training.sft as sft
+
+    trained: dict[str, str] = {}
+
+    def fake_sft(cfg: UnifitConfig, instances: list, out_dir: Path, *, neftune_alpha: float, model_cfg: ModelConfig) -> dict:
+        trained[out_dir.name] = model_cfg.name
+        _finished(out_dir, 1.0)
+        return {"train_seconds": 1.0}
+
+    monkeypatch.setattr(sft, "run_sft", fake_sft)
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "concept_tree", "writer")], tmp_path / "sample" / "sample.parquet")
+    write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "concept_tree", "writer")], tmp_path / "select" / "pithy.parquet")
+    cfg = UnifitConfig(model=ModelConfig(name="base"), scorer=ModelConfig(name="shared_scorer"),
+                       variants=[VariantConfig(name="pithy", data="pithy", neftune=False)])
+    run_scorer(StageContext(cfg=cfg, run_dir=tmp_path, name="train_scorer"))
+    run_finetune(StageContext(cfg=cfg, run_dir=tmp_path, name="finetune"))
+    assert trained == {"train_scorer": "shared_scorer", "pithy": "base"}

@@ -76,7 +76,7 @@ def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generate_f
             counts.update(read_json(meta)["counts"])
             counts["shards_resumed"] += 1
         else:
-            instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generate_fn, params, cfg.model.name)
+            instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generate_fn, params, cfg.generation_model.name)
             write_json(meta, {"leaf_ids": leaf_ids, "counts": dict(chunk_counts)})  # before the parquet that marks the shard done
             write_instances(instances, shard)
             counts.update(chunk_counts)
@@ -113,7 +113,7 @@ def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateF
         return read_json(marker)
     for stale in folder.glob("*.parquet"):
         stale.unlink()
-    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generate_fn, params, target, cfg.model.name, cfg.seed)
+    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generate_fn, params, target, cfg.generation_model.name, cfg.seed)
     size = cfg.generate.shard_size
     for shard, start in enumerate(range(0, max(len(instances), 1), size)):
         write_instances(instances[start : start + size], folder / f"shard-{shard:05d}.parquet")

@@ -133,10 +133,11 @@ def _run_vllm(cfg: UnifitConfig, model_cfg: ModelConfig, conversations: Sequence
 
 def generate_with_ray(cfg: UnifitConfig, conversations: Sequence[Conversation], params: GenerationParams,
                       model_cfg: ModelConfig | None = None, *, desc: str = "generate") -> list[Completion]:
-    """One completion per conversation, in order; cached calls are answered without touching Ray."""
+    """One completion per conversation, in order; cached calls are answered without touching Ray.
+    `model_cfg` defaults to the data generator (bulk generation); the judge and answering models are passed."""
     from unifit.raycluster import ensure_ray
 
-    model_cfg = model_cfg or cfg.model
+    model_cfg = model_cfg or cfg.generation_model
     cache = CompletionCache(Path(cfg.cache_dir) / "completions.sqlite") if cfg.backend.cache else None
 
     def produce(todo: list[Conversation]) -> list[Completion]:

@@ -40,16 +40,22 @@ def from_vllm_row(row: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
     return {"index": row["index"], "text": text, "finish_reason": reason, "num_output_tokens": generated}
 
 
+def engine_kwargs(backend: BackendConfig, max_model_len: int, trust_remote_code: bool) -> dict[str, Any]:
+    """vLLM engine settings; weights load from safetensors only, like `unifit.models` (no pickle is unpickled)."""
+    return {
+        "tensor_parallel_size": backend.tensor_parallel_size, "max_model_len": max_model_len,
+        "gpu_memory_utilization": backend.gpu_memory_utilization, "trust_remote_code": trust_remote_code,
+        "load_format": "safetensors",
+    }
+
+
 def build_vllm_processor(model_dir: str, backend: BackendConfig, params: GenerationParams, engines: int,
                          max_model_len: int, trust_remote_code: bool) -> Any:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
         model_source=model_dir, batch_size=backend.batch_size, concurrency=engines,
-        engine_kwargs={
-            "tensor_parallel_size": backend.tensor_parallel_size, "max_model_len": max_model_len,
-            "gpu_memory_utilization": backend.gpu_memory_utilization, "trust_remote_code": trust_remote_code,
-        },
+        engine_kwargs=engine_kwargs(backend, max_model_len, trust_remote_code),
     )
     return build_processor(
         config,

@@ -41,6 +41,7 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
     from unifit.selection.score import score_sharded
 
     cfg = ctx.cfg
+    scorer = cfg.scoring_model  # how the trained scorer is served: its base's dtype, context and chat template
     model_dir = ctx.stage_dir("train_scorer") / "model"
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: no scoring model; run the train_scorer stage first")
@@ -49,10 +50,10 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
     start = time.perf_counter()
     counts = score_sharded(
         rows, ctx.out_dir / "scores", model_dir=model_dir, actors=cfg.cluster.scoring_actors,
-        cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=cfg.model.dtype,
-        max_length=cfg.model.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
-        shard_size=cfg.select.score_shard_size, chat_template=cfg.model.chat_template,
-        trust_remote_code=cfg.model.trust_remote_code,
+        cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=scorer.dtype,
+        max_length=scorer.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
+        shard_size=cfg.select.score_shard_size, chat_template=scorer.chat_template,
+        trust_remote_code=scorer.trust_remote_code,
     )
     seconds = time.perf_counter() - start
     scores = read_parquet(ctx.out_dir / "scores")

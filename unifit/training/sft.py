@@ -174,7 +174,6 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": ray.data.from_items(rows)},
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume[0])) if resume else None,
     )
     Path(loop_config["loop_metrics_path"]).unlink(missing_ok=True)
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from unifit.config import ModelConfig
 from unifit.records import read_parquet
 from unifit.stage import StageContext, UserError, read_json
 
@@ -28,20 +29,22 @@ def _load(path: Path, what: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _train(ctx: StageContext, load: Callable[[], list[dict[str, Any]]], out_dir: Path, neftune_alpha: float) -> tuple[dict[str, Any], bool]:
+def _train(ctx: StageContext, load: Callable[[], list[dict[str, Any]]], out_dir: Path, neftune_alpha: float,
+           model_cfg: ModelConfig) -> tuple[dict[str, Any], bool]:
     """Metrics of a finished model in `out_dir` (trained now, or earlier: then `True` = reused)."""
     from unifit.training.sft import METRICS_FILE, model_complete, run_sft
 
     if model_complete(out_dir):
         log.info("%s is complete; not retraining", out_dir / "model")
         return read_json(out_dir / METRICS_FILE), True
-    return run_sft(ctx.cfg, load(), out_dir, neftune_alpha=neftune_alpha), False
+    return run_sft(ctx.cfg, load(), out_dir, neftune_alpha=neftune_alpha, model_cfg=model_cfg), False
 
 
 def run_scorer(ctx: StageContext) -> dict[str, Any]:
-    """SFT the base model on the scoring sample T (no NEFTune) -> train_scorer/model/."""
+    """SFT the scoring base (`scorer`, else the base model) on the scoring sample T (no NEFTune) -> train_scorer/model/."""
     sample = ctx.stage_dir("sample") / "sample.parquet"
-    metrics, reused = _train(ctx, lambda: _load(sample, "the scoring sample (stage `sample`)"), ctx.out_dir, neftune_alpha=0.0)
+    metrics, reused = _train(ctx, lambda: _load(sample, "the scoring sample (stage `sample`)"), ctx.out_dir, neftune_alpha=0.0,
+                             model_cfg=ctx.cfg.scoring_model)
     return {**{key: metrics[key] for key in REPORTED if key in metrics}, "reused": int(reused)}
 
 
@@ -61,7 +64,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     result: dict[str, Any] = {"train_seconds": 0.0, "reused": 0}
     for variant in ctx.cfg.variants:
         alpha = ctx.cfg.train.neftune_alpha if variant.neftune else 0.0
-        metrics, reused = _train(ctx, lambda data=variant.data: instances(data), ctx.out_dir / variant.name, alpha)
+        metrics, reused = _train(ctx, lambda data=variant.data: instances(data), ctx.out_dir / variant.name, alpha, ctx.cfg.model)
         result["train_seconds"] += float(metrics["train_seconds"])
         result["reused"] += int(reused)
         for key in REPORTED:
