@@ -229,6 +229,16 @@ class ScriptedModel:
     __call__ = complete
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+    """Answer an HTTP request with a JSON body, as an OpenAI-compatible server does."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class GarbageServer:
     """`with GarbageServer(key) as server:` serves `script` on `server.url`; `server.script.records` logs the requests.
 
@@ -258,13 +268,7 @@ class GarbageServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, payload = server.respond(self.path, self.headers.get("Authorization", ""), body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, *server.respond(self.path, self.headers.get("Authorization", ""), body))
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from garbage_server import send_json
 
 from unifit.llm.base import ChatModel, Completion, GenerationParams
 from unifit.llm.cache import CachedChatModel, CompletionCache
@@ -49,14 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         question = body["messages"][-1]["content"]
-        reply = {"choices": [{"message": {"role": "assistant", "content": f"echo: {question}"}, "finish_reason": "stop"}],
-                 "usage": {"completion_tokens": 3}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, {"choices": [{"message": {"role": "assistant", "content": f"echo: {question}"}, "finish_reason": "stop"}],
+                              "usage": {"completion_tokens": 3}})
 
     def log_message(self, *args: Any) -> None:
         pass

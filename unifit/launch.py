@@ -19,7 +19,7 @@ register_configs()
 def main(raw: DictConfig) -> int:
     from unifit.pipeline import main_from_config
     from unifit.stage import UserError
-    from unifit.training.sft import accumulation_steps
+    from unifit.training.sft import TrainingFailed, accumulation_steps
 
     try:
         cfg = from_container(OmegaConf.to_container(raw, resolve=True))
@@ -29,6 +29,9 @@ def main(raw: DictConfig) -> int:
     except (ConfigError, UserError) as error:  # also those raised inside a stage (a model that cannot be loaded)
         print(f"unifit: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFailed as error:  # the message names the worker error and the checkpoint a rerun resumes from
+        print(f"unifit: error: {error}", file=sys.stderr)
+        sys.exit(1)
     if code:
         sys.exit(code)
     return code

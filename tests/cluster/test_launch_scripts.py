@@ -1,11 +1,14 @@
-"""launch/ray_env.sh decisions (GPUs per node, port clashes), launch/cluster_env.py failing fast, and the
-job plan of slurm/sweep.sh.
+"""launch/ray_env.sh decisions (GPUs per node, port clashes), launch/cluster_env.py failing fast, the
+launch/ scripts on a private local cluster (start_head + join_worker, start_head + submit) and the job plan
+of slurm/sweep.sh.
 
-These run the real shell functions with the environments Slurm and a VM give a node; no cluster needed.
+Most run the real shell functions with the environments Slurm and a VM give a node; the cluster tests start
+their own Ray nodes on private ports and temp dirs and stop them by PID, never touching another Ray.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -14,14 +17,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import compose_config, processes_mentioning
 
+from unifit.records import read_parquet
+
 REPO = Path(__file__).resolve().parents[2]
 RAY_ENV = REPO / "launch" / "ray_env.sh"
 SWEEP = REPO / "slurm" / "sweep.sh"
+SUBMIT = REPO / "launch" / "submit.sh"
 SHARED_STAGES = ["generate", "sample", "train_scorer", "score", "select"]
 
 
@@ -88,6 +95,66 @@ def test_cluster_env_times_out_with_a_clear_error() -> None:
     assert "has 0 of 1 nodes after 3s" in result.stderr
 
 
+def _node_env(base: int, **extra: str) -> dict[str, str]:
+    """A small node (1 CPU, no GPU, 100 MB object store) of the cluster with base port `base`."""
+    return {**os.environ, "UNIFIT_RAY_PORT": str(base), "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_GPUS": "0",
+            "UNIFIT_RAY_START_ARGS": "--object-store-memory=100000000", **extra}
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid`: Ray's daemons, workers and a job's driver, whose command lines need
+    not name the temp dir."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _stop_nodes(nodes: list[subprocess.Popen[bytes]], temp: str) -> list[str]:
+    """End the nodes as ending an srun step does (TERM to each `ray start --block`, workers first), remove
+    `temp`; return what is left of them."""
+    below = {pid for node in nodes for pid in _descendants(node.pid)}
+    for node in reversed(nodes):
+        node.terminate()
+    for node in nodes:
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    deadline = time.monotonic() + 20  # Ray's workers may end a moment after `ray start` returns
+    while (alive := {pid for pid in below if _running(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftover = processes_mentioning(temp) + [f"{pid}: {_cmdline(pid)}" for pid in alive if _running(pid)]
+    shutil.rmtree(temp, ignore_errors=True)
+    return leftover
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (ended, waiting for whoever adopted it to reap it) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def _free_base_port() -> int:
     """A port P with P, P+1 and P+2 free (a cluster's fixed ports)."""
     for _ in range(50):
@@ -114,13 +181,12 @@ def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: P
 
     base = _free_base_port()
     temp = tempfile.mkdtemp(prefix="unifit-rl-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "UNIFIT_RAY_PORT": str(base), "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_GPUS": "0",
-           "UNIFIT_RAY_START_ARGS": "--object-store-memory=100000000"}
+    env = _node_env(base, UNIFIT_RAY_DASHBOARD="0")
     address = f"{get_node_ip_address()}:{base}"
     nodes: list[subprocess.Popen[bytes]] = []
     try:
         with open(tmp_path / "head.log", "wb") as log:
-            nodes.append(subprocess.Popen([str(REPO / "launch" / "start_head.sh"), "--include-dashboard=false"], stdout=log, stderr=log,
+            nodes.append(subprocess.Popen([str(REPO / "launch" / "start_head.sh")], stdout=log, stderr=log,
                                           env={**env, "UNIFIT_RAY_TMPDIR": f"{temp}/head"}))
         with open(tmp_path / "worker.log", "wb") as log:
             nodes.append(subprocess.Popen([str(REPO / "launch" / "join_worker.sh"), address], stdout=log, stderr=log,
@@ -134,16 +200,80 @@ def test_start_head_and_join_worker_form_a_cluster_that_stops_by_pid(tmp_path: P
                                        "UNIFIT_CLUSTER_GPUS=0", "UNIFIT_CPUS_PER_ACTOR=1"]
         assert list(Path(temp, "head").glob("session_*")) and list(Path(temp, "worker").glob("session_*"))
     finally:
-        for node in reversed(nodes):  # what ending an srun step does: TERM to the `ray start --block` process
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        leftover = processes_mentioning(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        leftover = _stop_nodes(nodes, temp)
+    assert leftover == [], leftover
+
+
+def _submit(*overrides: str, address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SUBMIT), *overrides], env={**os.environ, "RAY_ADDRESS": address, "WANDB_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize(("address", "overrides", "message"), [
+    ("", [], "set RAY_ADDRESS to the URL of the head's dashboard"),
+    ("127.0.0.1:6379", [], "not its GCS address"),  # the join address, not the job server
+    ("http://127.0.0.1:9", ["run_dir=runs/x"], "a relative run_dir would land in the job's temporary copy"),
+    ("http://127.0.0.1:9", [], "no Ray job server at RAY_ADDRESS=http://127.0.0.1:9"),  # port 9: nothing listens
+])
+def test_submit_refuses_user_errors_in_one_line(address: str, overrides: list[str], message: str) -> None:
+    result = _submit(*overrides, address=address)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_start_head_refuses_a_dashboard_without_ray_default(tmp_path: Path) -> None:
+    """Without ray[default] Ray would quietly start a dashboard with no job server; the script says what to install."""
+    (tmp_path / "aiohttp_cors.py").write_text('raise ImportError("No module named aiohttp_cors")')  # as if not installed
+    env = _node_env(_free_base_port(), PYTHONPATH=str(tmp_path), UNIFIT_RAY_TMPDIR=str(tmp_path / "ray"))
+    result = subprocess.run([str(REPO / "launch" / "start_head.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'pip install "ray[default]==' in result.stderr, result.stderr
+    assert "UNIFIT_RAY_DASHBOARD=0" in result.stderr and not (tmp_path / "ray").exists()
+
+
+def _wait_for_job_server(url: str, head: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Until the dashboard answers; start_head.sh returns to nobody, so poll (and fail if the head died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, f"start_head.sh ended with {head.returncode}:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no dashboard at {url} after {timeout:.0f}s:\n{log.read_text()}")
+
+
+def test_submit_runs_a_job_on_a_head_from_start_head(tmp_path: Path) -> None:
+    """start_head.sh (dashboard on by default) + submit.sh: the checkout is uploaded and runs as a Ray job on
+    the head, a failing run fails the script, a good one writes its run directory; ending the head by PID
+    leaves no process of it behind."""
+    base = _free_base_port()
+    temp = tempfile.mkdtemp(prefix="unifit-rs-", dir="/tmp")  # short: Ray's socket paths live under it
+    dashboard = f"http://127.0.0.1:{base + 2}"
+    run = ["+experiment=select_only", "stages=[generate,sample]", "wandb.mode=disabled",
+           "cluster=slurm_cpu"]  # the CPU pools of a Ray cluster: cluster=ray sizes them per GPU
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(tmp_path / "head.log", "wb") as log:
+            nodes.append(subprocess.Popen([str(REPO / "launch" / "start_head.sh")], stdout=log, stderr=log,
+                                          env=_node_env(base, UNIFIT_RAY_TMPDIR=temp)))
+        _wait_for_job_server(dashboard, nodes[0], tmp_path / "head.log")
+
+        failed = _submit(*run, f"data.path={tmp_path / 'missing.json'}", f"run_dir={tmp_path / 'bad'}", address=dashboard)
+        assert failed.returncode != 0 and "unifit: error: data.path" in failed.stdout, failed.stdout + failed.stderr
+
+        run_dir = tmp_path / "run"
+        done = _submit(*run, f"data.path={REPO / 'tests' / 'data' / 'import' / 'alpaca.json'}", f"run_dir={run_dir}",
+                       address=dashboard)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "cluster_env: 1 node(s) up" in done.stdout  # run_driver.sh sized the pools from this cluster
+        for stage in ("generate", "sample"):
+            assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
+        instances = read_parquet(run_dir / "generate" / "instances")
+        assert len(instances) == 3 and "What does SPF check?" in {row["messages"][0]["content"] for row in instances}
+        assert 1 <= len(read_parquet(run_dir / "sample" / "sample.parquet")) <= 3
+    finally:
+        leftover = _stop_nodes(nodes, temp)
     assert leftover == [], leftover
 
 

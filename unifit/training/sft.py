@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "unifit_state.json"  # inside each checkpoint: the optimizer step it was taken at
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint
+RUN_NAME = "sft"  # Ray Train run name: checkpoints land in <storage>/sft/step-XXXXXXXX/
 METRICS_FILE = "metrics.json"  # beside the exported model: written last, so its presence means "done"
 
 
@@ -90,7 +91,8 @@ def latest_checkpoint(storage: Path) -> Optional[tuple[Path, int]]:
 
     Ray registers a reported checkpoint asynchronously: a worker killed right after reporting can leave a
     complete checkpoint on storage that `ray.train.get_checkpoint()` does not know yet, so workers and the
-    driver also look here (one `rank_<r>.done` marker per rank tells complete from partial).
+    driver also look here. Ray copies a checkpoint into storage file by file, so each rank marks its part
+    complete (`rank_<r>.done`) only after the upload has returned; a kill mid-copy leaves no marker.
     """
     best: Optional[tuple[Path, int]] = None
     for state_file in storage.glob(f"**/{STATE_FILE}"):
@@ -169,7 +171,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
-            name="sft", storage_path=str(storage),
+            name=RUN_NAME, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -295,7 +297,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if config["on_step"] is not None:
                 config["on_step"](step, rank)
             if step % train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, step, {"loss": final_loss, "step": step})
+                _save_checkpoint(engine, step, {"loss": final_loss, "step": step}, Path(config["storage"]))
             if step >= total_steps:
                 break
         epoch += 1
@@ -325,16 +327,24 @@ def _flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _save_checkpoint(engine: Any, step: int, metrics: dict[str, Any]) -> None:
-    """Every rank saves its DeepSpeed shard into a local dir; Ray merges them into one checkpoint."""
+def _save_checkpoint(engine: Any, step: int, metrics: dict[str, Any], storage: Path) -> None:
+    """Every rank saves its DeepSpeed shard; Ray merges them into one checkpoint directory on storage.
+
+    The upload is synchronous, so once `report` returns this rank's files are all on storage: only then
+    is its `rank_<r>.done` marker written (a stale one from an interrupted earlier attempt goes first).
+    """
     import ray.train
 
     context = ray.train.get_context()
+    name = f"step-{step:08d}"
+    marker = storage / RUN_NAME / name / f"rank_{context.get_world_rank()}.done"
+    marker.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="unifit-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=DS_TAG)
         (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "world_size": context.get_world_size()}))
-        (Path(directory) / f"rank_{context.get_world_rank()}.done").touch()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC)
+    marker.touch()
 
 
 def _export(engine: Any, zero_stage: int, rank: int, config: dict[str, Any]) -> None:
