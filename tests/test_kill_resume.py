@@ -1,13 +1,14 @@
 """Kill -9 the smoke pipeline inside each stage, rerun the same command, and prove nothing finished is redone.
 
-One run directory and one cold completion cache; the command is killed (SIGKILL to its whole process group,
-Ray included) as soon as the run reaches each kill point, in pipeline order, then run once more to the end.
+One run directory and one cold completion cache; the command is killed (SIGKILL to every process of its session,
+Ray's daemons and actors included) as soon as the run reaches each kill point, in pipeline order, then run once more to the end.
 Checks: the run completes; shards, checkpoints, answers and model calls finished before each kill are reused,
 not recomputed (counted); the datasets equal those of the uninterrupted reference run (`smoke_run`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -78,21 +79,28 @@ class Attempt:
         return [(m.group(1), int(m.group(2))) for m in UNCACHED.finditer(self.log)]
 
 
-def _process_group_gone(pgid: int, timeout: float = 30) -> bool:
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session `sid`: Ray's workers move to process groups of their own, not sessions."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _kill_session(sid: int, timeout: float = 30) -> None:
+    """SIGKILL every process of the run (driver, Ray daemons, actors), as a preempted node would."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(stat.parent.name)
-        if not alive:
-            return True
-        time.sleep(0.2)
-    return False
+    while members := _session_members(sid):
+        assert time.time() < deadline, f"processes {members} of the killed run survived SIGKILL"
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def _attempt(run_dir: Path, env: dict[str, str], point: KillPoint | None, timeout: float = 600) -> Attempt:
@@ -106,14 +114,13 @@ def _attempt(run_dir: Path, env: dict[str, str], point: KillPoint | None, timeou
     while proc.poll() is None and time.time() < deadline:
         log = log_path.read_text()[offset:] if log_path.exists() else ""
         if point is not None and not _done(run_dir, point.stage) and point.reached(run_dir, log):
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc.pid)
             proc.wait()
-            assert _process_group_gone(proc.pid), "processes of the killed run survived SIGKILL"
             kept = _files(run_dir, point.kept) if point.kept else {}
             return Attempt(log_path.read_text()[offset:], killed_at=point.stage, kept=kept)
         time.sleep(POLL_S)
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)
         pytest.fail(f"run did not finish within {timeout}s")
     stderr = proc.stderr.read() if proc.stderr else ""
     log = log_path.read_text()[offset:]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import processes_mentioning
+from conftest import SmokeRun, processes_mentioning
 
 from unifit.config import STAGES
 from unifit.stage import read_json
@@ -108,10 +108,12 @@ def _job_state(env: dict[str, str], job: str) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, str], Path], tmp_path: Path,
+                                                        smoke_run: SmokeRun) -> None:
     env, directory = slurm
     ray_dir = directory / "ray"  # per job, like the default /tmp/ray-unifit-<job id>; short for Ray's sockets
-    env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled",
+    # The smoke run's completion cache: the model calls were paid once there; this test is about Slurm and Ray.
+    env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled", "UNIFIT_CACHE": str(smoke_run.completion_cache),
            "UNIFIT_RAY_START_ARGS": "--object-store-memory=500000000 --include-dashboard=false"}
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     # Every stage of the smoke run; the Self-Instruct baseline is left out because its bootstrap loop (many

@@ -92,3 +92,37 @@ def test_hook_noises_in_training_only_and_removes(tiny_model_cfg, cache_dir) -> 
 
     handle.remove()
     assert torch.equal(embed(ids), clean)  # removed: training mode, no noise
+
+
+def test_hook_on_a_lora_model_noises_the_frozen_embeddings_and_lora_trains(tiny_model_cfg, cache_dir) -> None:
+    """PEFT wraps the model and freezes the embeddings: the hook still sits on the module the forward calls."""
+    peft = pytest.importorskip("peft")
+    from unifit.models import load_model
+
+    model = peft.get_peft_model(load_model(tiny_model_cfg, cache_dir),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = _mask([4, 2], 4)
+    embed = model.get_input_embeddings()
+    assert not embed.weight.requires_grad
+    clean = embed(ids).detach()
+    seen: list[torch.Tensor] = []
+    hook = NEFTuneHook(alpha=5.0, generator=torch.Generator().manual_seed(0))
+    handle = hook.attach(model)
+    embed.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))  # runs after NEFTune's
+
+    model.train()
+    hook.attention_mask = mask
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    noise = seen[-1] - clean
+    assert noise[0].abs().max() <= 5.0 / math.sqrt(4 * clean.shape[-1]) + 1e-6 and noise[0].abs().max() > 0
+    assert torch.equal(noise[1, 2:], torch.zeros_like(noise[1, 2:]))  # pads untouched
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert lora and all(p.grad is not None for p in lora) and any(p.grad.abs().sum() > 0 for p in lora)
+
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(seen[-1], clean)  # eval: no-op
+    handle.remove()
