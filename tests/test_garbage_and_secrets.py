@@ -73,6 +73,8 @@ def garbage_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GarbageRun
         command = [sys.executable, "-m", "unifit.launch", "+experiment=smoke", "model=tiny_random", "backend=openai",
                    f"backend.url={server.url}", "backend.api_model=garbage-llm", f"backend.api_key_env={KEY_ENV}",
                    "generate.n_subconcepts=3", "generate.questions_per_leaf=4", "generate.turns=2",
+                   "generate.self_instruct=true", "generate.self_instruct_target=2", "generate.self_instruct_max_rounds=2",
+                   "generate.self_instruct_prompts_per_round=1",
                    f"generate.max_retries={MAX_RETRIES}", f"evaluate.judge_max_retries={MAX_RETRIES}",
                    f"evaluate.num_test_questions={NUM_TEST_QUESTIONS}", f"evaluate.question_max_rounds={QUESTION_MAX_ROUNDS}",
                    "select.max_ifd=2",  # a random model's IFD is 1 ± 0.002: the paper's IFD < 1 cut could keep nothing

@@ -49,9 +49,8 @@ class KillPoint:
 
 
 KILL_POINTS = [
-    KillPoint("generate", "mid-shards: the first leaf shard is written, the second is not",
-              lambda run, log: (run / "generate/raw/shard-00000.parquet").exists()
-              and not (run / "generate/raw/shard-00001.parquet").exists(), "generate/raw/shard-*.parquet"),
+    KillPoint("generate", "mid-shard: the tree is written and the leaf questions are answered; their answers are in flight",
+              lambda run, log: _calls(log, "generate") >= 3, "generate/tree.json"),
     KillPoint("train_scorer", "mid-epoch: the step-1 checkpoint is on storage, step 2 is running",
               lambda run, log: latest_checkpoint(run / "train_scorer/ray") is not None, ""),
     KillPoint("score", "mid-shards: some IFD shards are written, not all",
@@ -60,6 +59,11 @@ KILL_POINTS = [
               lambda run, log: (run / "evaluate/answers.parquet").exists() and _judge_calls_after_answers(log) >= 2,
               "evaluate/answers.parquet"),
 ]
+
+
+def _calls(log: str, desc: str) -> int:
+    """Model calls with this description started so far (tree level, leaf questions, leaf answers, ...)."""
+    return sum(1 for m in UNCACHED.finditer(log) if m.group(1) == desc)
 
 
 def _judge_calls_after_answers(log: str) -> int:
@@ -148,10 +152,10 @@ def test_killed_in_every_stage_resumes_without_redoing_finished_work(smoke_run: 
     metrics = {stage: entry["metrics"] for stage, entry in read_json(run_dir / "timings.json")["stages"].items()}
     after = dict(zip([p.stage for p in KILL_POINTS], attempts[1:]))  # the attempt that resumed each killed stage
 
-    # Generation: leaf shards finished before the kill are reused as they are (same inode, never rewritten).
-    generated = killed[0].kept
-    assert generated and generated.items() <= _files(run_dir, KILL_POINTS[0].kept).items()
-    assert metrics["generate"]["shards_resumed"] == len(generated)
+    # Generation: the tree is reused as it is (same inode, never rewritten); the leaf questions answered before the
+    # kill come from the completion cache, so the rerun's first model call is the one that was in flight.
+    assert killed[0].kept and killed[0].kept.items() <= _files(run_dir, KILL_POINTS[0].kept).items()
+    assert after["generate"].uncached()[0] == killed[0].uncached()[-1]
     # Training: the rerun resumed from the step-1 checkpoint, not from step 0.
     assert "resuming from step 1" in after["train_scorer"].log
     assert read_json(run_dir / "train_scorer" / "metrics.json")["resumed_from_step"] == 1

@@ -269,6 +269,8 @@ class EvaluateConfig:
     answer_max_new_tokens: int = 128
     answer_repetition_penalty: float = 1.2  # greedy answers for every compared model; NEFTune's evaluation uses ~1.2
     judge_max_new_tokens: int = 256  # room for a short justification before the [[i]] verdict
+    question_max_new_tokens: int = 128  # one test question per call; a longer reply is cut here
+    diversity_max_new_tokens: int = 128  # the six-score JSON object takes ~45 tokens
     question_max_rounds: int = 5  # rounds of asking for new test questions (duplicates/unparseable replies are re-asked), then stop short
     extra_models: list[ModelConfig] = field(default_factory=list)  # more models to compare besides the base model and cfg.variants
     answer_backend: Optional[BackendConfig] = None  # how the compared models (local weights) answer, e.g. +backend@evaluate.answer_backend=vllm; None = `backend`, or hf when `backend` is openai (an endpoint cannot serve this run's fine-tuned weights)
@@ -296,6 +298,8 @@ class EvaluateConfig:
         _check(self.diversity_draws >= 1 and self.diversity_sample_size >= 1, "evaluate.diversity_draws",
                "diversity_draws and diversity_sample_size must be >= 1")
         _check(self.question_max_rounds >= 1, "evaluate.question_max_rounds", "must be >= 1")
+        for name in ("answer_max_new_tokens", "judge_max_new_tokens", "question_max_new_tokens", "diversity_max_new_tokens"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name}", "must be >= 1")
         _check(self.answer_backend is None or self.answer_backend.name != "openai", "evaluate.answer_backend",
                "the compared models are local weights (the fine-tuned ones exist only in this run); use hf or vllm")
         for name in ("question_prompt", "judge_prompt", "diversity_prompt"):

@@ -35,9 +35,12 @@ def cluster_gpus() -> float:
 
 def cpus_per_train_worker(cluster: ClusterConfig) -> float:
     """CPUs each Ray Train worker asks for. Ray sets a worker's OMP threads to its CPU count, so a CPU run
-    with the default 1 would train on one core of many."""
+    with the default 1 would train on one core of many. A worker lives on one node: never more than the
+    largest node has, or it could not be scheduled at all."""
     import ray
 
     if cluster.cpus_per_train_worker is not None:
         return cluster.cpus_per_train_worker
-    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1) // cluster.train_workers)))
+    largest_node = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+    even_share = ray.cluster_resources().get("CPU", 1) // cluster.train_workers
+    return max(1.0, float(int(min(even_share, largest_node))))

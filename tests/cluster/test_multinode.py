@@ -129,3 +129,13 @@ def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, 
         assert got["n_answer_tokens"] == expected["n_answer_tokens"] and not got["truncated"]
         for key in ("cond_loss", "direct_loss", "ifd"):
             assert got[key] == pytest.approx(expected[key], rel=1e-4), (row["id"], key)
+
+
+def test_a_train_worker_never_asks_for_more_cpus_than_one_node_has(two_nodes: str) -> None:
+    from unifit.raycluster import cpus_per_train_worker, ensure_ray
+
+    ensure_ray(ClusterConfig(address=two_nodes))
+    # 2 CPUs in the cluster but 1 per node: a single worker asking for 2 could never be scheduled.
+    assert cpus_per_train_worker(ClusterConfig(address=two_nodes, train_workers=1)) == 1.0
+    assert cpus_per_train_worker(ClusterConfig(address=two_nodes, train_workers=2)) == 1.0
+    assert cpus_per_train_worker(ClusterConfig(address=two_nodes, train_workers=1, cpus_per_train_worker=0.5)) == 0.5

@@ -116,10 +116,7 @@ def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, s
     env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled", "UNIFIT_CACHE": str(smoke_run.completion_cache),
            "UNIFIT_RAY_START_ARGS": "--object-store-memory=500000000 --include-dashboard=false"}
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
-    # Every stage of the smoke run; the Self-Instruct baseline is left out because its bootstrap loop (many
-    # one-prompt rounds) is generation's business, tested there, and would dominate this test's time.
-    job = _submit(env, output, "+experiment=smoke", "cluster=slurm_cpu", f"run_dir={run_dir}", "wandb.mode=disabled",
-                  "generate.self_instruct=false")
+    job = _submit(env, output, "+experiment=smoke", "cluster=slurm_cpu", f"run_dir={run_dir}", "wandb.mode=disabled")
     log = _wait(env, job, output, JOB_TIMEOUT_S)
 
     assert "unifit.sbatch: driver exited with status 0" in log, log[-4000:]

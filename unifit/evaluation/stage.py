@@ -109,7 +109,7 @@ def _test_questions(ctx: StageContext, judge: ChatModel, instances: list[dict[st
     texts = [m["content"] for row in instances for m in row["messages"] if m["role"] == "user"]
     index = training_index(texts, cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
     _, backend, _ = judge_setup(cfg)
-    params = GenerationParams(max_new_tokens=128, temperature=backend.temperature, top_p=backend.top_p,
+    params = GenerationParams(max_new_tokens=cfg.evaluate.question_max_new_tokens, temperature=backend.temperature, top_p=backend.top_p,
                               repetition_penalty=backend.repetition_penalty, seed=cfg.seed)
     rows, counts = generate_test_questions(
         judge, load_leaves(ctx, instances), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
@@ -172,7 +172,7 @@ def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optiona
         self_instruct = ctx.stage_dir("generate") / "self_instruct"
         if self_instruct.exists():
             sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
-        params = GenerationParams(max_new_tokens=128, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
+        params = GenerationParams(max_new_tokens=cfg.evaluate.diversity_max_new_tokens, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
                                   seed=cfg.seed, json_mode=judge_backend.name != "hf")
         scored = diversity(judge, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
                            sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
