@@ -81,7 +81,7 @@ unifit_ray_start() {  # ROLE BASE_PORT HEAD_IP TEMP_DIR [ray start args...]
         export CUDA_VISIBLE_DEVICES=""
     fi
     mkdir -p "$temp_dir"
-    echo "[$(hostname -s)] ray $role: cpus=$cpus gpus=$gpus CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>} temp-dir=$temp_dir" >&2
+    echo "[${SLURMD_NODENAME:-$(hostname -s)}] ray $role: cpus=$cpus gpus=$gpus CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>} temp-dir=$temp_dir" >&2
     # shellcheck disable=SC2046,SC2086  # the port flags and UNIFIT_RAY_START_ARGS are word lists on purpose
     if [[ $role == head ]]; then
         unifit_check_ports_free "$base" "$((base + 2))" || return 1

@@ -130,8 +130,9 @@ CONF
 export SLURM_CONF=$dir/slurm.conf
 slurmctld -f "$SLURM_CONF" -i
 slurmd -f "$SLURM_CONF" -N "$host"
-if [[ -n $namespace ]]; then
-    ip netns exec "$namespace" slurmd -f "$SLURM_CONF" -N "${node_names[1]}"
+if [[ -n $namespace ]]; then  # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup tree slurmd reads
+    mkdir -p "$dir/spool-${node_names[1]}"
+    nsenter --net="/run/netns/$namespace" slurmd -f "$SLURM_CONF" -N "${node_names[1]}"
 fi
 for _ in $(seq 300); do
     states=$(sinfo -h -N -o %t 2>/dev/null | sort -u | tr '\n' ' ')

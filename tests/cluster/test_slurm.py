@@ -1,8 +1,10 @@
-"""The project's own slurm/unifit.sbatch on a real single-node Slurm (Debian's slurm-wlm + munge).
+"""The project's own slurm/unifit.sbatch on a real Slurm (Debian's slurm-wlm + munge), one node and two.
 
 tests/cluster/slurm_up.sh brings up munged, slurmctld and slurmd under a private directory; the smoke
 experiment is submitted exactly as a user would (`sbatch slurm/unifit.sbatch +experiment=smoke ...`), so the
-Ray head runs in an srun step, the driver joins it through RAY_ADDRESS, and teardown ends the step.
+Ray head runs in an srun step, the driver joins it through RAY_ADDRESS, and teardown ends the step. The
+two-node Slurm adds a slurmd in a network namespace, so the template's worker branch (a second srun step
+joining Ray over a real interface) runs too.
 Without Slurm installed the tests skip, except under CI=true, where a skip would hide a broken CI image.
 """
 
@@ -20,6 +22,7 @@ import pytest
 from conftest import SmokeRun, processes_mentioning
 
 from unifit.config import STAGES
+from unifit.records import read_parquet
 from unifit.stage import read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,19 +35,18 @@ def _slurm_path() -> str:
     return os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin"  # slurmctld, slurmd and munged live in sbin
 
 
-def _unavailable() -> str | None:
-    missing = [tool for tool in TOOLS if shutil.which(tool, path=_slurm_path()) is None]
+def _unavailable(nodes: int) -> str | None:
+    missing = [tool for tool in (*TOOLS, *(("ip", "nsenter") if nodes > 1 else ())) if shutil.which(tool, path=_slurm_path()) is None]
     if missing:
-        return f"Slurm is not installed (missing {', '.join(missing)}): apt-get install -y slurm-wlm munge"
+        return f"Slurm is not installed (missing {', '.join(missing)}): apt-get install -y slurm-wlm munge iproute2"
     if os.geteuid() != 0:
-        return "a private Slurm needs root (slurmd launches jobs, munged runs as user munge)"
+        return "a private Slurm needs root (slurmd launches jobs, munged runs as user munge; node 2 needs a network namespace)"
     return None
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[tuple[dict[str, str], Path]]:
-    """A running single-node Slurm: (environment with SLURM_CONF, its private directory); stopped after."""
-    reason = _unavailable()
+def _private_slurm(nodes: int) -> Iterator[tuple[dict[str, str], Path]]:
+    """A running Slurm of `nodes` nodes: (environment with SLURM_CONF, its private directory); stopped after."""
+    reason = _unavailable(nodes)
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm tests: {reason}")
@@ -53,13 +55,25 @@ def slurm() -> Iterator[tuple[dict[str, str], Path]]:
     directory = Path(tempfile.mkdtemp(prefix="unifit-slurm-", dir="/tmp"))
     env = {**os.environ, "PATH": _slurm_path(), "SLURM_CONF": str(directory / "slurm.conf")}
     try:
-        up = subprocess.run([str(SLURM_UP), "up", str(directory)], capture_output=True, text=True, timeout=90, env=env)
+        up = subprocess.run([str(SLURM_UP), "up", str(directory), str(nodes)], capture_output=True, text=True, timeout=90, env=env)
         assert up.returncode == 0, f"slurm_up.sh failed:\n{up.stdout}\n{up.stderr}"
         yield env, directory
     finally:
         _cancel_all(env)  # a job left running would outlive slurmd (its slurmstepd and Ray keep going)
         subprocess.run([str(SLURM_UP), "down", str(directory)], timeout=90, env=env)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[tuple[dict[str, str], Path]]:
+    """A single-node Slurm (this host)."""
+    yield from _private_slurm(1)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes() -> Iterator[tuple[dict[str, str], Path]]:
+    """A two-node Slurm: this host and a slurmd in a network namespace of its own (see slurm_up.sh)."""
+    yield from _private_slurm(2)
 
 
 def _cancel_all(env: dict[str, str], timeout: float = 90) -> None:
@@ -77,10 +91,10 @@ def _cancel_all(env: dict[str, str], timeout: float = 90) -> None:
         jobs = queued()
 
 
-def _submit(env: dict[str, str], output: Path, *args: str) -> str:
-    """sbatch the project's template from the repository root, on the CPU node; the job id."""
+def _submit(env: dict[str, str], output: Path, *args: str, nodes: int = 1) -> str:
+    """sbatch the project's template from the repository root, on CPU nodes; the job id."""
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", "--time=00:15:00", f"--output={output}",
+        ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=00:15:00", f"--output={output}",
          str(REPO / "slurm" / "unifit.sbatch"), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
@@ -128,6 +142,38 @@ def test_sbatch_runs_the_smoke_pipeline_on_the_jobs_ray(slurm: tuple[dict[str, s
     assert list(ray_dir.glob("session_*/logs/worker-*")), f"no Ray worker logs under {ray_dir}"
     # Teardown ended the srun step that owned the head: nothing of this job's Ray is left on the host.
     assert processes_mentioning(str(ray_dir)) == []
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_nodes_joins_a_worker_by_srun_and_scores_on_both(slurm_two_nodes: tuple[dict[str, str], Path],
+                                                                        tmp_path: Path, smoke_run: SmokeRun) -> None:
+    """The multi-node branch of the template: a Ray worker joins from an srun step on node 2, the driver's IFD
+    actors run on both nodes, the scores equal the single-node smoke run's, and teardown leaves nothing."""
+    env, directory = slurm_two_nodes
+    ray_dir = directory / "ray"
+    # One CPU per Ray node, so the two 1-CPU scoring actors must land on different nodes.
+    env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled", "UNIFIT_CACHE": str(smoke_run.completion_cache),
+           "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_START_ARGS": "--object-store-memory=300000000"}
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    shutil.copytree(smoke_run.run_dir, run_dir)  # the smoke run's scoring model and instances; score again
+    shutil.rmtree(run_dir / "score")
+    job = _submit(env, output, "+experiment=smoke", "cluster=slurm_cpu", f"run_dir={run_dir}", "wandb.mode=disabled",
+                  "stages=[score]", nodes=2)
+    log = _wait(env, job, output, 600)
+
+    assert "unifit.sbatch: driver exited with status 0" in log, log[-4000:]
+    assert _job_state(env, job) == ("COMPLETED", "0:0")
+    node_names = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env=env, capture_output=True, text=True, timeout=30).stdout.split()
+    assert len(node_names) == 2
+    assert f"[{node_names[1]}] ray worker:" in log and "cluster_env: 2 node(s) up" in log, log[-4000:]
+    metrics = read_json(run_dir / "timings.json")["stages"]["score"]["metrics"]
+    assert metrics["shards_computed"] == metrics["shards"] and metrics["nodes"] == 2, metrics
+    ours = {row["id"]: row for row in read_parquet(run_dir / "score" / "scores")}
+    reference = {row["id"]: row for row in read_parquet(smoke_run.run_dir / "score" / "scores")}
+    assert ours.keys() == reference.keys()
+    for key, row in ours.items():
+        assert row["ifd"] == pytest.approx(reference[key]["ifd"], abs=1e-4), key
+    assert processes_mentioning(str(ray_dir)) == []  # both srun steps ended: neither node's Ray is left
 
 
 def test_sbatch_config_error_fails_before_ray_starts(slurm: tuple[dict[str, str], Path], tmp_path: Path) -> None:

@@ -66,7 +66,10 @@ class ShardScorer:
 
         from unifit.selection.ifd import score_conversations
 
-        done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": []}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": [], "node": []}
         for shard, payload in zip(batch["shard"], batch["payload"]):
             start = time.perf_counter()
             rows = json.loads(payload)
@@ -79,6 +82,7 @@ class ShardScorer:
             done["rows"].append(len(out))
             done["truncated"].append(sum(score["truncated"] for score in scores))
             done["seconds"].append(time.perf_counter() - start)
+            done["node"].append(node)
         return {key: np.asarray(value) for key, value in done.items()}
 
 
@@ -87,6 +91,8 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
                   trust_remote_code: bool = False) -> dict[str, int]:
     """Score `rows` (instances) into `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
+
+    Returns shard counts and `nodes`: how many Ray nodes' actors scored this call's shards (0 if none were left).
 
     Ray must already be initialised. GPU actors (gpus_per_actor > 0) run the model in `dtype`; CPU actors
     always use float32 (bf16 matmuls on CPU are slow and lose the precision IFD ratios need).
@@ -113,8 +119,11 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
                            max_tokens_per_batch=max_tokens_per_batch, chat_template=chat_template,
                            trust_remote_code=trust_remote_code)
         pool = ray.data.ActorPoolStrategy(size=min(actors, len(todo)))
-        ray.data.from_items(items).map_batches(
+        scored = ray.data.from_items(items).map_batches(
             ShardScorer, batch_size=1, compute=pool, fn_constructor_kwargs=constructor, num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
-        ).materialize()
-    return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo)}
+        ).take_all()
+        nodes = len({row["node"] for row in scored})
+    else:
+        nodes = 0
+    return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo), "nodes": nodes}
