@@ -10,6 +10,7 @@ every `train.checkpoint_every` steps, and exports the final model (rank 0) as a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ STATE_FILE = "unifit_state.json"  # inside each checkpoint: the optimizer step i
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 RUN_NAME = "sft"  # Ray Train run name: checkpoints land in <storage>/sft/step-XXXXXXXX/
 METRICS_FILE = "metrics.json"  # beside the exported model: written last, so its presence means "done"
-WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "export_seconds")  # timed in train_loop besides loop_seconds
+WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_seconds", "export_seconds")  # timed in train_loop besides loop_seconds
 
 
 class TrainingFailed(RuntimeError):
@@ -205,8 +206,8 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
                "rows": len(rows), "packed": int(packing), "truncated": encode_report.truncated, "dropped_no_answer": encode_report.dropped_no_answer}
     in_worker = sum(metrics[key] for key in WORKER_PHASES) + metrics["loop_seconds"]
     log.info("SFT %s: %.1fs = Ray Train start/stop %.1fs + worker setup %.1fs, load %.1fs, DeepSpeed init %.1fs, "
-             "%d steps %.1fs, export %.1fs", model_cfg.name, train_seconds, train_seconds - in_worker,
-             *(metrics[key] for key in WORKER_PHASES[:3]), metrics["steps"], metrics["loop_seconds"], metrics["export_seconds"])
+             "first batch %.1fs, %d steps %.1fs, export %.1fs", model_cfg.name, train_seconds, train_seconds - in_worker,
+             *(metrics[key] for key in WORKER_PHASES[:4]), metrics["steps"], metrics["loop_seconds"], metrics["export_seconds"])
     write_json(out_dir / METRICS_FILE, metrics)
     return metrics
 
@@ -214,7 +215,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker. Reads only `config`; see `run_sft` for its keys."""
     phase_start = time.perf_counter()
-    phases: dict[str, float] = {}  # seconds per phase; the stage log shows where a short run's time goes
+    phases = dict.fromkeys(WORKER_PHASES, 0.0)  # seconds per phase; the stage log shows where a short run's time goes
 
     def end_phase(name: str) -> None:
         nonlocal phase_start
@@ -296,10 +297,15 @@ def train_loop(config: dict[str, Any]) -> None:
     mask_dtype = torch.bfloat16 if use_gpu else torch.float32
     window = torch.zeros(3, dtype=torch.float64)  # loss × label tokens, label tokens, non-pad tokens (this step)
     total_tokens, final_loss, micro = 0.0, float("nan"), 0
-    loop_start = time.perf_counter()
+    # One worker has no gradients to average: skip DeepSpeed's all-reduce of every gradient (ZeRO-2/3 need theirs)
+    alone = context.get_world_size() == 1 and zero_stage < 2
+    loop_start = None  # the loop's clock starts at the first batch: Ray Data's pipeline start-up is a phase of its own
     engine.train()
     while step < total_steps:
         for columns in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"):
+            if loop_start is None:
+                end_phase("data_start_seconds")
+                loop_start = time.perf_counter()
             if skip:
                 skip -= 1
                 continue
@@ -308,7 +314,8 @@ def train_loop(config: dict[str, Any]) -> None:
             neftune.attention_mask = batch["attention_mask"].to(device)
             neftune.segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
             loss = engine(**model_inputs(batch, device)).loss
-            engine.backward(loss)
+            with engine.no_sync() if alone else contextlib.nullcontext():
+                engine.backward(loss)
             engine.step()
             label_tokens = float((batch["labels"][:, 1:] != -100).sum())
             window += torch.tensor([float(loss.detach()) * label_tokens, label_tokens, float(batch["attention_mask"].sum())], dtype=torch.float64)
@@ -330,7 +337,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if step >= total_steps:
                 break
         epoch += 1
-    loop_seconds = time.perf_counter() - loop_start
+    loop_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
     phase_start = time.perf_counter()
     _export(engine, zero_stage, rank, config)
     end_phase("export_seconds")
