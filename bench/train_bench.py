@@ -139,6 +139,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from unifit.config import DeepSpeedConfig, TrainConfig
+    from unifit.training.attention import attention_for
     from unifit.training.data import collate, model_inputs
     from unifit.training.sft import _flash_attn_available, deepspeed_config
 
@@ -147,7 +148,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend="nccl")
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    attn = "flash_attention_2" if _flash_attn_available() else "sdpa"
+    attn, mask_mode = attention_for(packing=True, flash=_flash_attn_available())
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
@@ -168,7 +169,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
                 ids.extend(generator.randrange(32000) for _ in range(size))
                 positions.extend(range(size))
             rows.append({"input_ids": ids, "labels": ids, "position_ids": positions})
-        return collate(rows, 0, packed=True, mask_mode="position_ids" if attn == "flash_attention_2" else "4d", dtype=torch.bfloat16)
+        return collate(rows, 0, packed=True, mask_mode=mask_mode)
 
     engine.train()
     tokens, seconds = 0, 0.0

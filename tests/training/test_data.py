@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import tiny_model_config
 
+from unifit.training.attention import register_segment_attention
 from unifit.training.data import IGNORE_INDEX, collate, encode_instances, model_inputs, pack_examples
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -86,6 +87,8 @@ def test_packed_batch_matches_unpacked_per_token_loss(arch: str, cache_dir) -> N
     rows = pack_examples(examples, max_length=180, seed=0)
     assert len(rows) >= 2 and any(row["position_ids"].count(0) >= 2 for row in rows)  # a real packed batch, with padding
     batch = collate(rows, tokenizer.pad_token_id, packed=True)
+    assert batch["model_mask"] is None and all(spans[-1][1] == batch["input_ids"].shape[1] for spans in batch["segment_spans"])
+    model.set_attn_implementation(register_segment_attention())
     packed_losses = _per_token_losses(model, batch)
     compared = 0
     for row, losses in zip(rows, packed_losses):
@@ -98,8 +101,10 @@ def test_packed_batch_matches_unpacked_per_token_loss(arch: str, cache_dir) -> N
             compared += 1
         assert offset == len(losses)
     assert compared == len(examples)
-    # the block-diagonal mask is what makes this hold: plain causal attention over the row differs
-    leaky = dict(batch, model_mask=batch["attention_mask"], position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    # per-segment attention is what makes this hold: plain causal attention over the whole row differs
+    model.set_attn_implementation("sdpa")
+    leaky = {key: value for key, value in batch.items() if key != "segment_spans"}
+    leaky.update(model_mask=batch["attention_mask"])
     assert not torch.allclose(torch.cat(_per_token_losses(model, leaky)), torch.cat(packed_losses), atol=1e-3)
 
 
@@ -119,6 +124,7 @@ def test_family_templates_train_on_their_architecture(arch: str, family: str, ca
     assert labelled.replace(" ", "") == f"The Domain Name System.{tokenizer.eos_token}Signed DNS records.{tokenizer.eos_token}".replace(" ", "")
 
     batch = collate(pack_examples(examples, max_length=512), tokenizer.pad_token_id, packed=True)
+    model.set_attn_implementation(register_segment_attention())
     hook = NEFTuneHook(alpha=5.0, generator=torch.Generator().manual_seed(0))
     hook.attach(model)
     hook.attention_mask, hook.segment_ids = batch["attention_mask"], batch["segment_ids"]
@@ -132,3 +138,13 @@ def test_family_templates_train_on_their_architecture(arch: str, family: str, ca
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_segment_attention_refuses_a_batch_without_spans(cache_dir) -> None:
+    """Without spans it cannot know the segments: an error, never attention across packed conversations."""
+    from unifit.models import load_model
+
+    model = load_model(tiny_model_config("llama"), cache_dir)
+    model.set_attn_implementation(register_segment_attention())
+    with pytest.raises(ValueError, match="segment_spans"):
+        model(input_ids=torch.ones(1, 8, dtype=torch.long))

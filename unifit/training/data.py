@@ -91,14 +91,14 @@ def shuffled(examples: Sequence[dict[str, list[int]]], seed: int = 0) -> list[di
     return rows
 
 
-def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "4d", dtype: Any = None) -> dict[str, Any]:
+def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "segments") -> dict[str, Any]:
     """Right-pad rows into model inputs.
 
-    Returns `input_ids`, `labels`, `attention_mask` (2D, 1 on real tokens: also what NEFTune needs),
-    and for packed rows `position_ids`, `segment_ids` and `model_mask`: the mask to hand the model —
-    a 4D block-diagonal causal mask (`mask_mode="4d"`, additive, in `dtype`) or None
-    (`mask_mode="position_ids"`: flash-attn varlen derives segments from the position ids).
-    Unpacked rows use the 2D mask as `model_mask`.
+    Returns `input_ids`, `labels`, `attention_mask` (2D, 1 on real tokens: also what NEFTune needs) and
+    `model_mask` (what the model gets as its attention mask). Unpacked rows: the 2D mask. Packed rows: no mask,
+    plus `position_ids` (restarting at every conversation), `segment_ids`, and with `mask_mode="segments"`
+    `segment_spans` (each row's [start, end) segments, for `unifit.training.attention.segment_attention`);
+    `mask_mode="position_ids"` leaves the segments to flash-attn varlen, which reads them from the position ids.
     """
     import torch
 
@@ -123,21 +123,16 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_m
         out["model_mask"] = attention_mask
         return out
     segment_ids = torch.cumsum((position_ids == 0).long(), dim=1) - 1
-    out.update(position_ids=position_ids, segment_ids=segment_ids)
-    out["model_mask"] = block_causal_mask(segment_ids, dtype or torch.float32) if mask_mode == "4d" else None
+    out.update(position_ids=position_ids, segment_ids=segment_ids, model_mask=None)
+    if mask_mode == "segments":
+        out["segment_spans"] = [_spans(row) for row in segment_ids.tolist()]
     return out
 
 
-def block_causal_mask(segment_ids: Any, dtype: Any) -> Any:
-    """Additive (B, 1, T, T) mask: token q sees token k iff same segment and k <= q (0 where allowed, min elsewhere)."""
-    import torch
-
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None, :, :]
+def _spans(segment_ids: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal segment ids in one row."""
+    starts = [i for i, segment in enumerate(segment_ids) if i == 0 or segment != segment_ids[i - 1]]
+    return list(zip(starts, starts[1:] + [len(segment_ids)]))
 
 
 def model_inputs(batch: dict[str, Any], device: Optional[Any] = None) -> dict[str, Any]:
@@ -147,4 +142,6 @@ def model_inputs(batch: dict[str, Any], device: Optional[Any] = None) -> dict[st
         kwargs["position_ids"] = batch["position_ids"]
     if device is not None:
         kwargs = {k: (v.to(device) if v is not None else None) for k, v in kwargs.items()}
+    if "segment_spans" in batch:
+        kwargs["segment_spans"] = batch["segment_spans"]
     return kwargs

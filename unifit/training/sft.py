@@ -229,6 +229,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
+    from unifit.training.attention import attention_for
     from unifit.training.data import collate, model_inputs
     from unifit.training.neftune import NEFTuneHook
 
@@ -242,7 +243,7 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # wraps Ray's process group; zero.Init needs it
-    flash = use_gpu and _flash_attn_available()
+    attn_implementation, mask_mode = attention_for(train.packing, flash=use_gpu and _flash_attn_available())
     ds_config = config["ds_config"]
     keep_alive = None
     if zero_stage == 3:  # from_pretrained loads straight into partitions (zero.Init) while this object lives
@@ -254,7 +255,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         config["model_dir"], dtype=torch.bfloat16 if use_gpu else torch.float32,
         trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
-        attn_implementation="flash_attention_2" if flash else "sdpa",
+        attn_implementation=attn_implementation,
     )
     model.config.use_cache = False
     if train.gradient_checkpointing:
@@ -293,8 +294,6 @@ def train_loop(config: dict[str, Any]) -> None:
     skip = step * accumulation  # micro-batches already consumed before the checkpoint
     epoch = skip // plan["micro_per_epoch"]
     skip -= epoch * plan["micro_per_epoch"]
-    mask_mode = "position_ids" if flash else "4d"
-    mask_dtype = torch.bfloat16 if use_gpu else torch.float32
     window = torch.zeros(3, dtype=torch.float64)  # loss × label tokens, label tokens, non-pad tokens (this step)
     total_tokens, final_loss, micro = 0.0, float("nan"), 0
     # One worker has no gradients to average: skip DeepSpeed's all-reduce of every gradient (ZeRO-2/3 need theirs)
@@ -310,7 +309,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 skip -= 1
                 continue
             rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            batch = collate(rows, config["pad_id"], packed=train.packing, mask_mode=mask_mode, dtype=mask_dtype)
+            batch = collate(rows, config["pad_id"], packed=train.packing, mask_mode=mask_mode)
             neftune.attention_mask = batch["attention_mask"].to(device)
             neftune.segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
             loss = engine(**model_inputs(batch, device)).loss
