@@ -151,9 +151,11 @@ def test_sbatch_on_two_nodes_joins_a_worker_by_srun_and_scores_on_both(slurm_two
     actors run on both nodes, the scores equal the single-node smoke run's, and teardown leaves nothing."""
     env, directory = slurm_two_nodes
     ray_dir = directory / "ray"
-    # One CPU per Ray node, so the two 1-CPU scoring actors must land on different nodes.
+    # One CPU per Ray node, so the two 1-CPU scoring actors must land on different nodes; Ray Data waits until both
+    # are up before handing out shards (else the first one ready may score them all).
     env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled", "UNIFIT_CACHE": str(smoke_run.completion_cache),
-           "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_START_ARGS": "--object-store-memory=300000000"}
+           "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_START_ARGS": "--object-store-memory=300000000",
+           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     shutil.copytree(smoke_run.run_dir, run_dir)  # the smoke run's scoring model and instances; score again
     shutil.rmtree(run_dir / "score")
