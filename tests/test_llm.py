@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -166,3 +167,20 @@ def test_small_calls_in_driver_match_the_actor_pool(tiny_model_cfg, cache_dir: P
         return [c.text for c in generate_with_ray(cfg, conversations, params)]
 
     assert run(driver_max=8) == run(driver_max=0)
+
+
+def test_a_local_model_retrained_in_place_gets_a_new_cache_identity(tmp_path: Path) -> None:
+    """A fine-tuned variant retrained at the same path must not be served the old weights' cached answers."""
+    from unifit.config import BackendConfig, ModelConfig
+    from unifit.llm.ray_generate import model_identity
+
+    model_dir = tmp_path / "finetune" / "pithy_ne" / "model"
+    model_dir.mkdir(parents=True)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"weights of the first training run")
+    cfg = ModelConfig(name="pithy_ne", source="hub", path=str(model_dir))
+    first = model_identity(BackendConfig(), cfg)
+    assert model_identity(BackendConfig(), cfg) == first  # stable while the weights stay
+    weights.write_bytes(b"weights of the retrained model")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert model_identity(BackendConfig(), cfg) != first

@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def model_identity(backend: BackendConfig, model_cfg: ModelConfig) -> str:
-    """What makes two completions interchangeable: the weights and how they are served (not batch size)."""
+    """What makes two completions interchangeable: the weights and how they are served (not batch size).
+
+    A local model directory is identified by its weight files too (name, size, mtime), not its path alone: a
+    fine-tuned variant retrained in place (say, with another learning rate) must not get the old model's answers.
+    """
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_cfg.path).glob("*.safetensors")) \
+        if model_cfg.path and Path(model_cfg.path).is_dir() else []
     return json.dumps({"backend": backend.name, "api_model": backend.api_model, "url": backend.url if backend.name == "openai" else "",
-                       "model": dataclasses.asdict(model_cfg)}, sort_keys=True)
+                       "model": dataclasses.asdict(model_cfg), "weights": weights}, sort_keys=True)
 
 
 def build_chat_model(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str | Path) -> ChatModel:

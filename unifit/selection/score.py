@@ -48,9 +48,11 @@ class ShardScorer:
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
                  max_tokens_per_batch: int, chat_template: Optional[str] = None, trust_remote_code: bool = False) -> None:
+        import ray
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.node = ray.get_runtime_context().get_node_id()  # reported per shard: the stage counts the nodes that scored
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if chat_template:
             self.tokenizer.chat_template = chat_template
@@ -66,9 +68,6 @@ class ShardScorer:
 
         from unifit.selection.ifd import score_conversations
 
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
         done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": [], "node": []}
         for shard, payload in zip(batch["shard"], batch["payload"]):
             start = time.perf_counter()
@@ -82,7 +81,7 @@ class ShardScorer:
             done["rows"].append(len(out))
             done["truncated"].append(sum(score["truncated"] for score in scores))
             done["seconds"].append(time.perf_counter() - start)
-            done["node"].append(node)
+            done["node"].append(self.node)
         return {key: np.asarray(value) for key, value in done.items()}
 
 
