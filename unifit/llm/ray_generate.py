@@ -32,8 +32,8 @@ def model_identity(backend: BackendConfig, model_cfg: ModelConfig) -> str:
     A local model directory is identified by its weight files too (name, size, mtime), not its path alone: a
     fine-tuned variant retrained in place (say, with another learning rate) must not get the old model's answers.
     """
-    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_cfg.path).glob("*.safetensors")) \
-        if model_cfg.path and Path(model_cfg.path).is_dir() else []
+    local = Path(model_cfg.path) if model_cfg.path and Path(model_cfg.path).is_dir() else None
+    weights = sorted((f.name, stat.st_size, stat.st_mtime_ns) for f in local.glob("*.safetensors") for stat in [f.stat()]) if local else []
     return json.dumps({"backend": backend.name, "api_model": backend.api_model, "url": backend.url if backend.name == "openai" else "",
                        "model": dataclasses.asdict(model_cfg), "weights": weights}, sort_keys=True)
 

@@ -108,6 +108,7 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
             stale.unlink()
     todo = [index for index, shard in enumerate(shards)
             if not _shard_done(shard_path(out_dir, index), [row["id"] for row in shard])]
+    nodes = 0
     if todo:
         items = [{"shard": index, "payload": json.dumps([
             {"id": r["id"], "leaf_id": r["leaf_id"], "concept_path": list(r["concept_path"]), "messages": list(r["messages"])}
@@ -123,6 +124,4 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
             num_gpus=gpus_per_actor,
         ).take_all()
         nodes = len({row["node"] for row in scored})
-    else:
-        nodes = 0
     return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo), "nodes": nodes}
