@@ -5,10 +5,14 @@ full-vocabulary logits and a masked-label loss for the conditioned pass, and ano
 Also reports achieved FLOP/s against a matmul peak measured in the same process.
 
     python bench/ifd_bench.py --n 64                                  # CPU, embedded SmolLM2-135M (fp32)
+    python bench/ifd_bench.py --n 64 --turns 2                        # CPU, two-turn conversations
     python bench/ifd_bench.py --device cuda --arch llama7b --n 256    # GPU, 7B LLaMA architecture, random bf16 weights
 
-Data are synthetic token ids whose lengths follow instruction data (prompt 20-240, answer 20-240 tokens);
-speed does not depend on which tokens they are. The reference runs on the first --ref-n examples (default:
+Data are synthetic token ids whose lengths follow instruction data (prompt 20-240, answer 20-240 tokens,
+follow-up questions 10-60 tokens with --turns > 1); speed does not depend on which tokens they are.
+Throughput is measured on the workload the reference processes (context + header + 2 x answer tokens per
+example) for both; FLOP/s counts the tokens each one actually ran through the model (with several turns
+`compute_ifd` runs a conversation's conditioned pass once, so it processes fewer). The reference runs on the first --ref-n examples (default:
 all on GPU, 32 on CPU, where it is slow); rates are tokens per second over the data each one scored.
 
 On a shared CPU the process may get less than its threads' worth of CPU: wall-clock rates are reported as
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lent GPU machine runs the repo copy uninstalled
 
-from unifit.selection.ifd import compute_ifd  # noqa: E402
+from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH, compute_ifd, plan_passes  # noqa: E402
 
 
 def build_model(arch: str, device: str, dtype: torch.dtype) -> Any:
@@ -52,17 +56,21 @@ def build_model(arch: str, device: str, dtype: torch.dtype) -> Any:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_examples(n: int, vocab: int, seed: int) -> list[dict[str, list[int]]]:
+def make_examples(n: int, vocab: int, seed: int, turns: int = 1) -> list[dict[str, list[int]]]:
+    """n examples (assistant turns): conversations of `turns` turns, in conversation order, as the template lays them out."""
     rng = random.Random(seed)
     header = [1, 520, 9531, 198]
-    examples = []
-    for _ in range(n):
-        prompt, answer = rng.randint(20, 240), rng.randint(20, 240)
-        examples.append({
-            "context_ids": [rng.randrange(3, vocab) for _ in range(prompt)] + header,
-            "header_ids": header,
-            "answer_ids": [rng.randrange(3, vocab) for _ in range(answer)],
-        })
+
+    def tokens(count: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(count)]
+
+    examples: list[dict[str, list[int]]] = []
+    while len(examples) < n:
+        context = tokens(rng.randint(20, 240)) + header
+        for _ in range(min(turns, n - len(examples))):
+            answer = tokens(rng.randint(20, 240))
+            examples.append({"context_ids": context, "header_ids": header, "answer_ids": answer})
+            context = context + answer + tokens(rng.randint(10, 60)) + header
     return examples
 
 
@@ -112,19 +120,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="examples (each scored with two passes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--arch", default="smollm2", choices=["smollm2", "llama7b"])
-    parser.add_argument("--max-tokens-per-batch", type=int, default=0, help="0: 4096 on CPU, 32768 on GPU")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=0,
+                        help=f"0: {DEFAULT_TOKENS_PER_BATCH} on CPU, 32768 on GPU")
+    parser.add_argument("--turns", type=int, default=1, help="assistant turns per synthetic conversation")
     parser.add_argument("--ref-n", type=int, default=0, help="examples for the (slow) reference; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    budget = args.max_tokens_per_batch or (32768 if args.device == "cuda" else 4096)
+    budget = args.max_tokens_per_batch or (32768 if args.device == "cuda" else DEFAULT_TOKENS_PER_BATCH)
     model = build_model(args.arch, args.device, dtype)
     params = sum(p.numel() for p in model.parameters())
-    examples = make_examples(args.n, model.config.vocab_size, args.seed)
+    examples = make_examples(args.n, model.config.vocab_size, args.seed, args.turns)
     ref_examples = examples[: args.ref_n or (args.n if args.device == "cuda" else min(args.n, 32))]
     tokens = sum(len(e["context_ids"]) + len(e["header_ids"]) + 2 * len(e["answer_ids"]) for e in examples)
     ref_tokens = sum(len(e["context_ids"]) + len(e["header_ids"]) + 2 * len(e["answer_ids"]) for e in ref_examples)
+    processed = sum(len(sequence) for sequence in plan_passes(examples).sequences)
 
     size = 8192 if args.device == "cuda" else 2048
     peak, peak_cpu = matmul_peak(args.device, dtype, size)
@@ -139,17 +150,17 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "arch": args.arch, "dtype": str(dtype).removeprefix("torch."), "params": params, "examples": args.n,
-        "tokens": tokens, "reference_examples": len(ref_examples), "reference_tokens": ref_tokens,
+        "turns": args.turns, "tokens": tokens, "fast_tokens_processed": processed, "reference_examples": len(ref_examples), "reference_tokens": ref_tokens,
         "max_tokens_per_batch": budget, "fast_seconds": round(fast_s, 2), "reference_seconds": round(ref_s, 2),
         "cpu_share_fast": round(fast_cpu / fast_s, 2), "cpu_share_reference": round(ref_cpu / ref_s, 2),
         "fast_tokens_per_s": round(fast_tps, 1), "reference_tokens_per_s": round(ref_tps, 1),
         "speedup": round(fast_tps / ref_tps, 2),
         "matmul_peak_tflops": round(peak / 1e12, 3),
-        "fast_tflops_2PT": round(2 * params * fast_tps / 1e12, 3),
-        "fast_fraction_of_peak": round(2 * params * fast_tps / peak, 3),
+        "fast_tflops_2PT": round(2 * params * processed / fast_s / 1e12, 3),
+        "fast_fraction_of_peak": round(2 * params * processed / fast_s / peak, 3),
         "reference_fraction_of_peak": round(2 * params * ref_tps / peak, 3),
         "speedup_per_cpu_second": round((tokens / fast_cpu) / (ref_tokens / ref_cpu), 2),
-        "fast_fraction_of_peak_per_cpu_second": round(2 * params * tokens / fast_cpu / peak_cpu, 3),
+        "fast_fraction_of_peak_per_cpu_second": round(2 * params * processed / fast_cpu / peak_cpu, 3),
         "reference_fraction_of_peak_per_cpu_second": round(2 * params * ref_tokens / ref_cpu / peak_cpu, 3),
         "max_abs_ifd_diff_vs_reference": max(abs(f.ifd - r) for f, r in zip(fast, ref)),
     }

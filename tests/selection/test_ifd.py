@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unifit.selection.ifd import compute_ifd, conversation_examples, plan_batches, score_conversations
+from unifit.selection.ifd import compute_ifd, conversation_examples, plan_batches, plan_passes, score_conversations
 from unifit.templates import assistant_header_ids, tokenize_conversation
 
 SINGLE = [{"role": "user", "content": "How does DNSSEC protect a zone?"},
@@ -131,6 +131,25 @@ def test_over_length_truncates_context_from_the_left_never_the_answer(tiny_model
     scores = score_conversations(tiny_model, tiny_tokenizer, [MULTI, SINGLE], max_length=too_short)
     assert scores[0]["truncated"] and math.isnan(scores[0]["ifd"])
     assert not scores[1]["truncated"] and math.isfinite(scores[1]["ifd"])
+
+
+def test_a_conversation_is_conditioned_in_one_pass_with_the_same_scores(tiny_model, tiny_tokenizer) -> None:
+    multi = conversation_examples(tiny_tokenizer, MULTI, max_length=512).examples
+    cut = conversation_examples(tiny_tokenizer, MULTI, max_length=len(multi[1]["answer_ids"]) + 10)
+    examples = multi + conversation_examples(tiny_tokenizer, SINGLE, max_length=512).examples + cut.examples + multi
+    passes = plan_passes(examples)
+    # MULTI's two turns share one conditioned sequence (twice); SINGLE and the context-cut copy cannot chain
+    cond_sequences = [row for row, _ in passes.cond]
+    assert cond_sequences[0] == cond_sequences[1] and cond_sequences[5] == cond_sequences[6]
+    assert len(set(cond_sequences)) == 5 and len(passes.sequences) == 5 + len(examples)
+    assert passes.sequences[cond_sequences[0]] == multi[1]["context_ids"] + multi[1]["answer_ids"]
+    assert cut.context_truncated
+    together = compute_ifd(tiny_model, examples, max_tokens_per_batch=200)
+    alone = [compute_ifd(tiny_model, [example])[0] for example in examples]
+    for a, b in zip(together, alone):
+        assert a.cond_loss == pytest.approx(b.cond_loss, abs=1e-5)
+        assert a.direct_loss == pytest.approx(b.direct_loss, abs=1e-5)
+        assert a.n_answer_tokens == b.n_answer_tokens
 
 
 def test_rejects_examples_without_header(tiny_model) -> None:

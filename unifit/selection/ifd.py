@@ -6,6 +6,8 @@ sorted by length, cut into batches by a token budget (little padding, big matmul
 positions need no adjustment. Only the answer positions ever reach the vocabulary projection — the
 decoder body runs on the whole batch, then the hidden states of the positions that carry loss are
 gathered and projected — so the model never materialises full-vocabulary logits for prompt tokens.
+Consecutive turns of one conversation share their conditioned pass: turn k's context + answer is the
+start of turn k+1's context, so one causal forward over the last turn scores every turn's answer.
 
 `compute_ifd` is the contract (ids in, one result per example out, input order); `score_conversations`
 turns chat instances into those examples with the model's own template (unifit.templates).
@@ -14,12 +16,15 @@ turns chat instances into those examples with the model's own template (unifit.t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from unifit.templates import Message, assistant_header_ids, tokenize_conversation
 
 LM_HEAD_ROWS = 4096  # answer positions projected onto the vocabulary at once (bounds the float32 logits buffer)
+# Default forward size on CPU: measured on SmolLM2-135M (2 cores), 2,048 tokens ran ~10 % faster than 4,096
+# (bench/README.md); GPUs want far larger batches (conf/experiment/cyber_500k.yaml sets 32,768).
+DEFAULT_TOKENS_PER_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,45 @@ def plan_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list
     return batches
 
 
+@dataclass
+class LossPasses:
+    """The forwards IFD needs: sequences, the answer spans scored in each, and where each example's sums are."""
+
+    sequences: list[list[int]] = field(default_factory=list)
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)  # per sequence: [start, end) of each answer
+    cond: list[tuple[int, int]] = field(default_factory=list)  # per example: (sequence, span) of its conditioned pass
+    direct: list[tuple[int, int]] = field(default_factory=list)  # per example: (sequence, span) of its direct pass
+
+    def add(self, ids: list[int], start: int) -> tuple[int, int]:
+        self.sequences.append(ids)
+        self.spans.append([(start, len(ids))])
+        return len(self.sequences) - 1, 0
+
+
+def plan_passes(examples: Sequence[Mapping[str, Sequence[int]]]) -> LossPasses:
+    """One direct pass per example; conditioned passes merged along conversations.
+
+    When an example's context begins with the previous example's whole conditioned sequence (the next turn
+    of the same conversation, context not truncated), that sequence is extended to this example's instead of
+    run again: causal attention makes the earlier answer's losses identical inside the longer sequence.
+    """
+    passes = LossPasses()
+    for index, example in enumerate(examples):
+        context, header, answer = list(example["context_ids"]), list(example["header_ids"]), list(example["answer_ids"])
+        if not answer or not header or not context:
+            raise ValueError(f"IFD example {index}: context_ids, header_ids and answer_ids must all be non-empty")
+        previous = passes.sequences[passes.cond[-1][0]] if passes.cond else []
+        if previous and context[: len(previous)] == previous:
+            sequence = passes.cond[-1][0]
+            passes.sequences[sequence] = context + answer
+            passes.spans[sequence].append((len(context), len(context) + len(answer)))
+            passes.cond.append((sequence, len(passes.spans[sequence]) - 1))
+        else:
+            passes.cond.append(passes.add(context + answer, len(context)))
+        passes.direct.append(passes.add(header + answer, len(header)))
+    return passes
+
+
 def _vocab_logits(model: Any, hidden: Any) -> Any:
     """lm_head on the gathered rows, float32, with the final-logit transforms some families apply."""
     logits = model.get_output_embeddings()(hidden).float()
@@ -73,20 +117,24 @@ def _vocab_logits(model: Any, hidden: Any) -> Any:
     return logits
 
 
-def answer_loss_sums(model: Any, sequences: Sequence[Sequence[int]], n_answer: Sequence[int]) -> list[float]:
-    """Summed -log p of the last `n_answer[i]` tokens of each sequence, one padded forward of the body."""
+def span_loss_sums(model: Any, sequences: Sequence[Sequence[int]],
+                   spans: Sequence[Sequence[tuple[int, int]]]) -> list[list[float]]:
+    """Summed -log p of the tokens in each [start, end) span (start >= 1) of each sequence, one padded forward."""
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
     lengths = torch.tensor([len(s) for s in sequences])
-    counts = torch.tensor(list(n_answer))
+    span_rows = torch.tensor([row for row, row_spans in enumerate(spans) for _ in row_spans])
+    starts = torch.tensor([start for row_spans in spans for start, _ in row_spans])
+    counts = torch.tensor([end - start for row_spans in spans for start, end in row_spans])
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(list(s)) for s in sequences], batch_first=True)
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    # loss positions: row r predicts its answer from hidden states lengths-counts-1 ... lengths-2
-    rows = torch.repeat_interleave(torch.arange(len(sequences)), counts)
-    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    positions = torch.repeat_interleave(lengths - counts - 1, counts) + within
+    # token t of a span is predicted by the hidden state at t - 1
+    span_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    rows = span_rows[span_of_token]
+    within = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[span_of_token]
+    positions = starts[span_of_token] - 1 + within
     targets = ids[rows, positions + 1].to(device)
     hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
     hidden = hidden[rows.to(device), positions.to(device)]
@@ -94,12 +142,13 @@ def answer_loss_sums(model: Any, sequences: Sequence[Sequence[int]], n_answer: S
         F.cross_entropy(_vocab_logits(model, hidden[i : i + LM_HEAD_ROWS]), targets[i : i + LM_HEAD_ROWS], reduction="none")
         for i in range(0, hidden.shape[0], LM_HEAD_ROWS)
     ])
-    sums = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add_(0, rows.to(device), nll.double())
-    return sums.tolist()
+    sums = torch.zeros(len(counts), dtype=torch.float64, device=device).index_add_(0, span_of_token.to(device), nll.double())
+    flat = iter(sums.tolist())
+    return [[next(flat) for _ in row_spans] for row_spans in spans]
 
 
-def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *, max_tokens_per_batch: int = 4096,
-                progress: bool = False) -> list[IFDResult]:
+def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
+                max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False) -> list[IFDResult]:
     """One `IFDResult` per example, in input order (contract in DESIGN.md).
 
     Each example needs non-empty `answer_ids` and `header_ids` (the direct pass must condition the first
@@ -108,25 +157,18 @@ def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *, 
     import torch
     from tqdm import tqdm
 
-    sequences: list[list[int]] = []
-    n_answer: list[int] = []
-    for index, example in enumerate(examples):
-        answer = list(example["answer_ids"])
-        if not answer or not example["header_ids"] or not example["context_ids"]:
-            raise ValueError(f"IFD example {index}: context_ids, header_ids and answer_ids must all be non-empty")
-        sequences += [list(example["context_ids"]) + answer, list(example["header_ids"]) + answer]
-        n_answer += [len(answer), len(answer)]
-    sums = [0.0] * len(sequences)
-    batches = plan_batches([len(s) for s in sequences], max_tokens_per_batch)
+    passes = plan_passes(examples)
+    sums: list[list[float]] = [[] for _ in passes.sequences]
+    batches = plan_batches([len(s) for s in passes.sequences], max_tokens_per_batch)
     with torch.inference_mode():
         for batch in tqdm(batches, desc="IFD", unit="batch", disable=not progress):
-            batch_sums = answer_loss_sums(model, [sequences[i] for i in batch], [n_answer[i] for i in batch])
-            for index, value in zip(batch, batch_sums):
-                sums[index] = value
+            batch_sums = span_loss_sums(model, [passes.sequences[i] for i in batch], [passes.spans[i] for i in batch])
+            for index, values in zip(batch, batch_sums):
+                sums[index] = values
     results = []
-    for index in range(len(examples)):
-        n = n_answer[2 * index]
-        cond, direct = sums[2 * index] / n, sums[2 * index + 1] / n
+    for example, (cond_row, cond_span), (direct_row, direct_span) in zip(examples, passes.cond, passes.direct):
+        n = len(example["answer_ids"])
+        cond, direct = sums[cond_row][cond_span] / n, sums[direct_row][direct_span] / n
         results.append(IFDResult(cond, direct, ifd_ratio(cond, direct), ppl_ratio(cond, direct), n))
     return results
 
@@ -164,7 +206,7 @@ def conversation_examples(tokenizer: Any, messages: Sequence[Message], max_lengt
 
 
 def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *, max_length: int,
-                        max_tokens_per_batch: int = 4096, progress: bool = False) -> list[dict[str, Any]]:
+                        max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False) -> list[dict[str, Any]]:
     """Instance-level scores, in input order: losses and IFD are answer-token-weighted means over turns.
 
     Truncated conversations get NaN scores and `truncated=True`, so they are kept in the table (and
