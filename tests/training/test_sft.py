@@ -117,6 +117,8 @@ def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: 
     cfg = _config(cache_dir, zero_stage=3, max_steps=3, checkpoint_every=100)
     metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=5.0)
     assert metrics["steps"] == 3 and metrics["packed"] == 0
+    assert metrics["positions"] > metrics["tokens"] > 0  # padded micro-batches of unequal conversations
+    assert metrics["padding_efficiency"] == pytest.approx(metrics["tokens"] / metrics["positions"])
     before = load_file(Path(resolve_model_dir(cfg.model, cache_dir)) / "model.safetensors")
     after = load_file(tmp_path / "out" / "model" / "model.safetensors")
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}  # full tensors, not shards

@@ -49,7 +49,12 @@ def accumulation_steps(train: TrainConfig, workers: int) -> int:
 
 
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, workers: int, *, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config. torch AdamW (`torch_adam`) so no fused/compiled ops are needed on CPU."""
+    """The DeepSpeed JSON config.
+
+    The optimizer is torch's AdamW (`torch_adam`: no DeepSpeed ops to compile) in its fused form, which runs on CPU
+    and GPU alike and is the Hugging Face `Trainer`'s default: on CPU a 135M model's step takes 0.07 s instead of
+    0.34 s, and the first step (optimizer-state allocation) 0.3 s instead of 2 s.
+    """
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -68,7 +73,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, workers: int, *, b
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
-            "weight_decay": train.weight_decay, "torch_adam": True}},
+            "weight_decay": train.weight_decay, "torch_adam": True, "fused": True}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -294,8 +299,9 @@ def train_loop(config: dict[str, Any]) -> None:
     skip = step * accumulation  # micro-batches already consumed before the checkpoint
     epoch = skip // plan["micro_per_epoch"]
     skip -= epoch * plan["micro_per_epoch"]
-    window = torch.zeros(3, dtype=torch.float64)  # loss × label tokens, label tokens, non-pad tokens (this step)
-    total_tokens, final_loss, micro = 0.0, float("nan"), 0
+    # this step's loss × label tokens, label tokens, non-pad tokens, positions computed (padding included)
+    window = torch.zeros(4, dtype=torch.float64)
+    total_tokens, total_positions, final_loss, micro = 0.0, 0.0, float("nan"), 0
     # One worker has no gradients to average: skip DeepSpeed's all-reduce of every gradient (ZeRO-2/3 need theirs)
     alone = context.get_world_size() == 1 and zero_stage < 2
     loop_start = None  # the loop's clock starts at the first batch: Ray Data's pipeline start-up is a phase of its own
@@ -317,7 +323,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 engine.backward(loss)
             engine.step()
             label_tokens = float((batch["labels"][:, 1:] != -100).sum())
-            window += torch.tensor([float(loss.detach()) * label_tokens, label_tokens, float(batch["attention_mask"].sum())], dtype=torch.float64)
+            window += torch.tensor([float(loss.detach()) * label_tokens, label_tokens, float(batch["attention_mask"].sum()),
+                                    float(batch["attention_mask"].numel())], dtype=torch.float64)
             micro += 1
             if micro % accumulation:
                 continue
@@ -325,6 +332,7 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.all_reduce(window)
             final_loss = float(window[0] / window[1].clamp(min=1))
             total_tokens += float(window[2])
+            total_positions += float(window[3])
             if wandb_run is not None:
                 wandb_run.log({"train/loss": final_loss, "train/lr": engine.get_lr()[0],
                                "train/tokens": total_tokens}, step=step)
@@ -340,7 +348,8 @@ def train_loop(config: dict[str, Any]) -> None:
     phase_start = time.perf_counter()
     _export(engine, zero_stage, rank, config)
     end_phase("export_seconds")
-    metrics = {"steps": step, "final_loss": final_loss, "tokens": total_tokens, "loop_seconds": loop_seconds,
+    metrics = {"steps": step, "final_loss": final_loss, "tokens": total_tokens, "positions": total_positions,
+               "padding_efficiency": total_tokens / total_positions if total_positions else 0.0, "loop_seconds": loop_seconds,
                "tokens_per_second": total_tokens / loop_seconds if loop_seconds > 0 else 0.0,
                "resumed_from_step": resumed_from, "epochs_seen": epoch, **phases}
     if wandb_run is not None:
