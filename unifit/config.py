@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the field and what to do."""
@@ -191,7 +193,7 @@ class SelectConfig:
     ratio: float = 0.06  # kept fraction of all instances
     max_ifd: float = 1.0  # drop ifd >= max_ifd (the instruction does not help)
     min_per_leaf: int = 0  # quota so no branch of the tree vanishes
-    max_tokens_per_batch: int = 2048  # IFD scorer token budget per forward (CPU-sized; raise it on GPUs)
+    max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH  # IFD scorer token budget per forward (CPU-sized; raise it on GPUs)
     score_shard_size: int = 256  # instances per IFD score shard (the unit of resume; one Ray Data row)
 
     def __post_init__(self) -> None:
