@@ -3,7 +3,7 @@
 Labels come from `unifit.templates.tokenize_conversation(...).labels()` (the same spans IFD scores), so the
 loss covers every assistant turn's content and end-of-turn token and nothing else. Packing concatenates
 conversations into rows of at most `max_length` tokens; each segment restarts its position ids and attends
-only within itself (block-diagonal causal mask on CPU/SDPA, flash-attn varlen from position ids on GPU),
+only within itself (per-segment causal SDPA, `unifit.training.attention`, or flash-attn varlen from position ids on GPU),
 so a packed row gives the same per-token loss as its conversations run one by one.
 """
 
