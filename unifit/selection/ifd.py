@@ -124,19 +124,20 @@ def span_loss_sums(model: Any, sequences: Sequence[Sequence[int]],
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(s) for s in sequences])
     span_rows = torch.tensor([row for row, row_spans in enumerate(spans) for _ in row_spans])
     starts = torch.tensor([start for row_spans in spans for start, _ in row_spans])
     counts = torch.tensor([end - start for row_spans in spans for start, end in row_spans])
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(list(s)) for s in sequences], batch_first=True)
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
     # token t of a span is predicted by the hidden state at t - 1
     span_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
     rows = span_rows[span_of_token]
     within = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[span_of_token]
     positions = starts[span_of_token] - 1 + within
     targets = ids[rows, positions + 1].to(device)
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    # No padding mask: the pads sit after each sequence, so causal attention already keeps every scored position
+    # from seeing them; without a mask SDPA runs its causal kernel, which skips the blocks above the diagonal
+    # (a masked call computes them all).
+    hidden = model.base_model(input_ids=ids.to(device), use_cache=False).last_hidden_state
     hidden = hidden[rows.to(device), positions.to(device)]
     nll = torch.cat([
         F.cross_entropy(_vocab_logits(model, hidden[i : i + LM_HEAD_ROWS]), targets[i : i + LM_HEAD_ROWS], reduction="none")
