@@ -6,7 +6,7 @@ CPU (default): three runs, one epoch each over identical data with the same micr
   2. UNIFIT SFT (Ray Train + DeepSpeed ZeRO-2), padded micro-batches
   3. a plain Hugging Face `Trainer`, padded micro-batches          -> 2 vs 3: Ray/DeepSpeed overhead (goal >= 1.0x)
 Every run trains in a fresh process (UNIFIT's in its Ray Train worker, the `Trainer` in a spawned one), as a user's
-run would: a process that already trained once runs its first steps ~20 % faster (warm allocator and kernel caches).
+run would, so both pay the same cold start (first-touch page faults, optimizer state allocation).
 
     python bench/train_bench.py                      # tiny random Llama (conf/model/tiny_random.yaml), < 4 min on 2 cores
     python bench/train_bench.py --model smollm2_135m  # the embedded 135M model (slower)

@@ -262,7 +262,7 @@ def train_loop(config: dict[str, Any]) -> None:
         trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
         attn_implementation=attn_implementation,
         # On CPU the weights stay in this process's memory: read them in now. Memory-mapped, the first optimizer step
-        # would copy every page on write (SmolLM2-135M: +1.0 s on the first step against +0.4 s to read the file).
+        # would copy every page on write (SmolLM2-135M: +1.0 s on the first step against +0.3-0.4 s to read the file).
         disable_mmap=not use_gpu,
     )
     model.config.use_cache = False
