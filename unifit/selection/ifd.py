@@ -135,8 +135,7 @@ def span_loss_sums(model: Any, sequences: Sequence[Sequence[int]],
     positions = starts[span_of_token] - 1 + within
     targets = ids[rows, positions + 1].to(device)
     # No padding mask: the pads sit after each sequence, so causal attention already keeps every scored position
-    # from seeing them; without a mask SDPA runs its causal kernel, which skips the blocks above the diagonal
-    # (a masked call computes them all).
+    # from seeing them, and without a mask SDPA may take its causal kernels (CUDA's flash backend accepts no mask).
     hidden = model.base_model(input_ids=ids.to(device), use_cache=False).last_hidden_state
     hidden = hidden[rows.to(device), positions.to(device)]
     nll = torch.cat([
