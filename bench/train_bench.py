@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # unifit without an install: the lent GPU machine, and the spawned `Trainer` process
 WORDS = ("dns resolver record zone mail server certificate chain route prefix cache edge origin key signature "
          "protocol packet header policy domain query answer trust anchor relay filter").split()
 
@@ -81,7 +82,6 @@ def run_hf_trainer_fresh(model_cfg: Any, instances: list[dict[str, Any]], args: 
 
 def run_hf_trainer(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The baseline: HF `Trainer`, same tokenization, batch size and data (one epoch, padded)."""
-    sys.path.insert(0, str(ROOT))
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -223,7 +223,6 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
     parser.add_argument("--offload-optimizer", action="store_true", help="GPU: ZeRO-2 optimizer state in CPU memory (7B AdamW on one 80 GB GPU)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     if args.device == "cuda":
         gpu_bench(args)
     else:
