@@ -108,12 +108,18 @@ def _kill_session(sid: int, timeout: float = 30) -> None:
 
 
 def _attempt(run_dir: Path, env: dict[str, str], point: KillPoint | None, timeout: float = 600) -> Attempt:
-    """Run the smoke command; with a kill point, SIGKILL its process group the moment the point is reached."""
+    """Run the smoke command; with a kill point, SIGKILL its process group the moment the point is reached.
+
+    stderr goes to a file, not a pipe: nobody reads a pipe while the run goes on, and once progress bars and Ray's
+    warnings fill its 64 KiB buffer the run blocks on its next write and never reaches the kill point.
+    """
     log_path = run_dir / "unifit.log"
     offset = log_path.stat().st_size if log_path.exists() else 0
+    stderr_path = run_dir.parent / f"stderr-{point.stage if point else 'final'}.txt"
     command = smoke_command(run_dir, "train.checkpoint_every=1")  # not fingerprinted: same run as the reference
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with stderr_path.open("w") as stderr_file:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True,
+                                start_new_session=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         log = log_path.read_text()[offset:] if log_path.exists() else ""
@@ -123,11 +129,11 @@ def _attempt(run_dir: Path, env: dict[str, str], point: KillPoint | None, timeou
             kept = _files(run_dir, point.kept) if point.kept else {}
             return Attempt(log_path.read_text()[offset:], killed_at=point.stage, kept=kept)
         time.sleep(POLL_S)
+    log = log_path.read_text()[offset:] if log_path.exists() else ""
+    stderr = stderr_path.read_text()
     if proc.poll() is None:
         _kill_session(proc.pid)
-        pytest.fail(f"run did not finish within {timeout}s")
-    stderr = proc.stderr.read() if proc.stderr else ""
-    log = log_path.read_text()[offset:]
+        pytest.fail(f"run did not finish within {timeout}s\nlog:\n{log[-3000:]}\nstderr:\n{stderr[-3000:]}")
     assert point is None, f"the run ended (exit {proc.returncode}) before reaching {point.stage} {point.where}:\n{stderr[-3000:]}"
     assert proc.returncode == 0, stderr[-4000:]
     return Attempt(log)
