@@ -4,9 +4,7 @@ mid-run and resumed from its checkpoint, the exported HF directory, and the erro
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from conftest import tiny_model_config
 
 from unifit.config import ClusterConfig, DeepSpeedConfig, TrainConfig, UnifitConfig, WandbConfig
-from unifit.training.sft import STAGING_PREFIX, TrainingFailed, latest_checkpoint, run_sft, sweep_stale_staging
+from unifit.training.sft import TrainingFailed, latest_checkpoint, run_sft
 
 FACTS = [("Which port does DNS use?", "Port 53."), ("Which port does SMTP use?", "Port 25."),
          ("What signs DNS records?", "DNSSEC."), ("What does PKI issue?", "Certificates."),
@@ -82,15 +80,11 @@ def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: 
 
     cfg = _config(cache_dir, zero_stage=2, packing=True)
     cfg.model.max_length = 128  # two conversations per packed row: 4 rows, one per micro-batch slot
-    # What a worker SIGKILLed in the middle of a save leaves on the node: the restarted workers remove it.
-    stale = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_dead_pid()}-"))
-    (stale / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     steps_log = tmp_path / "steps.log"
     on_step = functools.partial(_kill_once, at=5, marker=str(tmp_path / "killed"), log=str(steps_log))
     metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=5.0, on_step=on_step)
 
     assert (tmp_path / "killed").exists()
-    assert not stale.exists()
     steps = [int(line) for line in steps_log.read_text().split()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] == 4, f"resumed at step {steps[restart]}, expected 4 (checkpoint at 3): {steps}"
@@ -113,24 +107,6 @@ def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": FACTS[0][0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4 or generated[0, -1] == tokenizer.eos_token_id
-
-
-def _dead_pid() -> int:
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    return finished.pid
-
-
-def test_sweep_removes_only_staging_dirs_of_dead_processes(tmp_path: Path) -> None:
-    dead = tmp_path / f"{STAGING_PREFIX}{_dead_pid()}-a1b2"
-    alive = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-c3d4"
-    not_ours = [tmp_path / f"{STAGING_PREFIX}x1y2", tmp_path / "unifit-other-1-z9"]
-    for path in (dead, alive, *not_ours):
-        path.mkdir()
-        (path / "shard.pt").write_bytes(b"x")
-
-    assert sweep_stale_staging(tmp_path) == [dead]
-    assert not dead.exists() and alive.exists() and all(path.exists() for path in not_ours)
 
 
 def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: Path) -> None:

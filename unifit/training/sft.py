@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "unifit_state.json"  # inside each checkpoint: the optimizer step it was taken at
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 RUN_NAME = "sft"  # Ray Train run name: checkpoints land in <storage>/sft/step-XXXXXXXX/
-STAGING_PREFIX = "unifit-ckpt-"  # node-local staging dirs: unifit-ckpt-<pid of the saving worker>-<random>
 METRICS_FILE = "metrics.json"  # beside the exported model: written last, so its presence means "done"
 WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_seconds", "export_seconds")  # timed in train_loop besides loop_seconds
 
@@ -249,8 +247,6 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # wraps Ray's process group; zero.Init needs it
-    for stale in sweep_stale_staging(Path(tempfile.gettempdir())):
-        log.warning("removed %s: checkpoint staging of a worker that died while saving", stale)
     attn_implementation, mask_mode = attention_for(train.packing, flash=use_gpu and _flash_attn_available())
     ds_config = config["ds_config"]
     keep_alive = None
@@ -380,50 +376,27 @@ def _flash_attn_available() -> bool:
 
 
 def _save_checkpoint(engine: Any, step: int, metrics: dict[str, Any], storage: Path) -> None:
-    """Every rank saves its DeepSpeed shard; Ray merges them into one checkpoint directory on storage.
+    """Every rank writes its DeepSpeed shard straight into the checkpoint directory on storage, as DeepSpeed expects.
 
-    The upload is synchronous, so once `report` returns this rank's files are all on storage: only then
-    is its `rank_<r>.done` marker written (a stale one from an interrupted earlier attempt goes first).
+    No node-local staging copy for Ray to upload: that doubled the I/O, and a 7B ZeRO checkpoint (~100 GB) may not
+    fit in a node's /tmp, where a worker killed mid-save also left it behind. Once `save_checkpoint` returns, this
+    rank's files are on storage: only then is its `rank_<r>.done` marker written (a stale one from an interrupted
+    earlier attempt goes first), so `latest_checkpoint` never picks a partial one.
     """
     import ray.train
 
     context = ray.train.get_context()
+    rank = context.get_world_rank()
     name = f"step-{step:08d}"
-    marker = storage / RUN_NAME / name / f"rank_{context.get_world_rank()}.done"
+    directory = storage / RUN_NAME / name
+    marker = directory / f"rank_{rank}.done"
     marker.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as directory:
-        engine.save_checkpoint(directory, tag=DS_TAG)
-        (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "world_size": context.get_world_size()}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC)
+    engine.save_checkpoint(str(directory), tag=DS_TAG)
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, "world_size": context.get_world_size()}))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(directory)), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
     marker.touch()
-
-
-def sweep_stale_staging(directory: Path) -> list[Path]:
-    """Remove checkpoint staging dirs whose worker is dead; the removed paths.
-
-    A worker killed while saving never runs `TemporaryDirectory`'s cleanup, and a 7B ZeRO checkpoint is ~100 GB of
-    node-local disk: every preemption would leak one. Workers on a node share its process ids (Ray, Slurm, Apptainer),
-    so a dir whose pid is gone is stale; a pid that exists (or belongs to another user) is left alone.
-    """
-    removed = []
-    for path in directory.glob(f"{STAGING_PREFIX}*-*"):
-        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _process_exists(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
 
 
 def _export(engine: Any, zero_stage: int, rank: int, config: dict[str, Any]) -> None:
