@@ -91,8 +91,6 @@ def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: 
     assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 8 and steps[-1] == 8
     assert metrics["train_seconds"] > metrics["loop_seconds"] > 0 and metrics["tokens"] > 0 and metrics["packed"] == 1
     assert latest_checkpoint(tmp_path / "out" / "ray")[1] == 6  # every 3 steps; none at the final step (exported instead)
-    # Written in place on storage, yet still managed by Ray: keep_checkpoints=1 deleted step 3's ZeRO shards.
-    assert [p.name for p in (tmp_path / "out" / "ray" / "sft").glob("step-*")] == ["step-00000006"]
 
     base_dir = resolve_model_dir(cfg.model, cache_dir)
     model_dir = tmp_path / "out" / "model"
