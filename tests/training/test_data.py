@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_model_config
+from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
 from unifit.training.attention import register_segment_attention
 from unifit.training.data import IGNORE_INDEX, collate, encode_instances, model_inputs, pack_examples
@@ -85,27 +86,30 @@ def test_packed_batch_matches_unpacked_per_token_loss(arch: str, cache_dir) -> N
     reference = {tuple(e["input_ids"]): _per_token_losses(model, collate([e], tokenizer.pad_token_id, packed=False))[0]
                  for e in examples}
     rows = pack_examples(examples, max_length=180, seed=0)
-    assert len(rows) >= 2 and any(row["position_ids"].count(0) >= 2 for row in rows)  # a real packed batch, with padding
+    assert len(rows) >= 2 and any(row["position_ids"].count(0) >= 2 for row in rows)  # a real packed batch
     batch = collate(rows, tokenizer.pad_token_id, packed=True)
-    assert batch["model_mask"] is None and all(spans[-1][1] == batch["input_ids"].shape[1] for spans in batch["segment_spans"])
+    # one padding-free row: what transformers' flash-attn path needs to read the segments from the position ids
+    assert batch["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    assert _is_packed_sequence(batch["position_ids"], batch_size=1)
+    assert batch["model_mask"] is None and batch["segment_spans"][0][-1][1] == batch["input_ids"].shape[1]
     model.set_attn_implementation(register_segment_attention())
-    packed_losses = _per_token_losses(model, batch)
-    compared = 0
-    for row, losses in zip(rows, packed_losses):
-        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-        offset = 0
-        for start, end in zip(starts, starts[1:]):
-            expected = reference[tuple(row["input_ids"][start:end])]
-            torch.testing.assert_close(losses[offset:offset + len(expected)], expected, atol=1e-5, rtol=1e-5)
-            offset += len(expected)
-            compared += 1
-        assert offset == len(losses)
+    (packed_losses,) = _per_token_losses(model, batch)
+    positions = [p for row in rows for p in row["position_ids"]]
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    flat_ids = batch["input_ids"][0].tolist()
+    offset, compared = 0, 0
+    for start, end in zip(starts, starts[1:]):
+        expected = reference[tuple(flat_ids[start:end])]
+        torch.testing.assert_close(packed_losses[offset:offset + len(expected)], expected, atol=1e-5, rtol=1e-5)
+        offset += len(expected)
+        compared += 1
+    assert offset == len(packed_losses)
     assert compared == len(examples)
     # per-segment attention is what makes this hold: plain causal attention over the whole row differs
     model.set_attn_implementation("sdpa")
     leaky = {key: value for key, value in batch.items() if key != "segment_spans"}
     leaky.update(model_mask=batch["attention_mask"])
-    assert not torch.allclose(torch.cat(_per_token_losses(model, leaky)), torch.cat(packed_losses), atol=1e-3)
+    assert not torch.allclose(torch.cat(_per_token_losses(model, leaky)), packed_losses, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch,family", [("llama", "llama2_7b"), ("mistral", "mistral_7b"), ("qwen2", "qwen_7b")])

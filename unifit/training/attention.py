@@ -35,7 +35,7 @@ def segment_attention(module: Any, query: Any, key: Any, value: Any, attention_m
                       **kwargs: Any) -> tuple[Any, None]:
     """transformers' attention-function signature: query (B, H, T, D), key/value (B, H_kv, T, D) -> (B, T, H, D).
 
-    `segment_spans[b]` lists row b's [start, end) segments, covering the row (trailing padding is a segment too).
+    `segment_spans[b]` lists row b's [start, end) segments, covering the row.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

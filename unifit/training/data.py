@@ -92,41 +92,41 @@ def shuffled(examples: Sequence[dict[str, list[int]]], seed: int = 0) -> list[di
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "segments") -> dict[str, Any]:
-    """Right-pad rows into model inputs.
+    """Model inputs for one micro-batch.
 
     Returns `input_ids`, `labels`, `attention_mask` (2D, 1 on real tokens: also what NEFTune needs) and
-    `model_mask` (what the model gets as its attention mask). Unpacked rows: the 2D mask. Packed rows: no mask,
-    plus `position_ids` (restarting at every conversation), `segment_ids`, and with `mask_mode="segments"`
-    `segment_spans` (each row's [start, end) segments, for `unifit.training.attention.segment_attention`);
-    `mask_mode="position_ids"` leaves the segments to flash-attn varlen, which reads them from the position ids.
+    `model_mask` (what the model gets as its attention mask). Unpacked rows are right-padded to the longest
+    and the model gets the 2D mask. Packed rows are laid end to end in a single padding-free row (TRL's
+    `padding_free`): padding them to a common width would cost compute for nothing, and transformers' flash-attn
+    path reads packed segments from the position ids only when the batch has one row (with more, the segments
+    of a row would attend to each other). Packed batches carry `position_ids` (restarting at every conversation),
+    `segment_ids`, no mask, and with `mask_mode="segments"` `segment_spans` (the row's [start, end) segments,
+    for `unifit.training.attention.segment_attention`); `mask_mode="position_ids"` leaves the segments to
+    flash-attn varlen.
     """
     import torch
 
+    if packed:
+        def flat(key: str) -> Any:
+            return torch.as_tensor([token for row in rows for token in row[key]], dtype=torch.long).unsqueeze(0)
+
+        input_ids, labels, position_ids = flat("input_ids"), flat("labels"), flat("position_ids")
+        segment_ids = torch.cumsum((position_ids == 0).long(), dim=1) - 1
+        out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids),
+                               "position_ids": position_ids, "segment_ids": segment_ids, "model_mask": None}
+        if mask_mode == "segments":
+            out["segment_spans"] = [_spans(segment_ids[0].tolist())]
+        return out
     width = max(len(row["input_ids"]) for row in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.as_tensor(list(row["input_ids"]))
         labels[i, :n] = torch.as_tensor(list(row["labels"]))
         attention_mask[i, :n] = 1
-        if packed:
-            position_ids[i, :n] = torch.as_tensor(list(row["position_ids"]))
-        else:
-            position_ids[i, :n] = torch.arange(n)
-        position_ids[i, n:] = torch.arange(width - n)  # trailing pads: one more segment of their own
-    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    if not packed:
-        out["model_mask"] = attention_mask
-        return out
-    segment_ids = torch.cumsum((position_ids == 0).long(), dim=1) - 1
-    out.update(position_ids=position_ids, segment_ids=segment_ids, model_mask=None)
-    if mask_mode == "segments":
-        out["segment_spans"] = [_spans(row) for row in segment_ids.tolist()]
-    return out
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "model_mask": attention_mask}
 
 
 def _spans(segment_ids: list[int]) -> list[tuple[int, int]]:
