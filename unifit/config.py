@@ -216,7 +216,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     neftune_alpha: float = 5.0  # NEFTune alpha for "NE" variants (paper: 5, 10, 15); 0 disables
-    packing: bool = False  # pack sequences with per-segment attention (on by default in GPU configs)
+    # pack conversations into rows of max_length; a micro-batch's rows run as one padding-free sequence with
+    # per-segment attention (on by default in GPU configs)
+    packing: bool = False
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints
     keep_checkpoints: int = 2
