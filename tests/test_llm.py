@@ -31,8 +31,8 @@ def test_hf_backend_batched_matches_one_by_one(tiny_model_cfg, cache_dir: Path) 
     assert all(c.finish_reason == "length" and c.num_output_tokens == 6 for c in batched)  # random model never stops
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_hf_backend_generates_in_bf16_on_cpu_only_where_the_cpu_has_it(native: bool, tiny_model_cfg, cache_dir: Path,
+@pytest.mark.parametrize("fast", [True, False])
+def test_hf_backend_generates_in_bf16_on_cpu_only_where_the_cpu_has_it(fast: bool, tiny_model_cfg, cache_dir: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     import dataclasses
@@ -42,10 +42,10 @@ def test_hf_backend_generates_in_bf16_on_cpu_only_where_the_cpu_has_it(native: b
     import unifit.models
     from unifit.llm.hf import HFChatModel
 
-    monkeypatch.setattr(unifit.models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(unifit.models, "cpu_has_fast_bf16", lambda: fast)
     model = HFChatModel(dataclasses.replace(tiny_model_cfg, dtype="bfloat16"), cache_dir, device="cpu")
-    assert model.model.dtype == (torch.bfloat16 if native else torch.float32)
-    assert ("generates in float32" in caplog.text) == (not native)
+    assert model.model.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert ("generates in float32" in caplog.text) == (not fast)
     [completion] = model.complete(CONVERSATIONS[:1], GenerationParams(max_new_tokens=4, temperature=0.0))
     assert completion.num_output_tokens == 4
 

@@ -36,7 +36,7 @@ class ModelConfig:
     chat_template: Optional[str] = None  # Jinja override; None keeps the tokenizer's own template
     trust_remote_code: bool = False  # only for families whose code is not in transformers (Baichuan2, Qwen-7B)
     dtype: str = "float32"  # float32 | bfloat16 | float16; bf16 on GPU for 7B models. On CPU it applies to generation only
-    # (training and IFD scoring run float32 there), and bf16 falls back to float32 on CPUs without native bf16 matmuls
+    # (training and IFD scoring run float32 there), and bf16 falls back to float32 on CPUs oneDNN has no bf16 kernels for
     max_length: int = 2048  # tokens per training sequence / scoring context
     pad_token: Optional[str] = None  # set when the tokenizer has none (LLaMA-2 uses unk, Qwen uses <|endoftext|>)
     random_init: dict[str, Any] = field(default_factory=dict)  # source=random: transformers config kwargs incl. model_type; tokenizer is the embedded one

@@ -40,11 +40,11 @@ def _torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16, AMX, Arm BF16).
+def cpu_has_fast_bf16() -> bool:
+    """oneDNN's own test for a CPU it has bf16 kernels for (AVX-512 or AVX2-VNNI-2 on x86, BF16 on Arm).
 
-    Without that, PyTorch emulates bf16 on CPU and it is slower than float32; with it, bf16 halves the bytes
-    that memory-bound decoding reads per token.
+    Elsewhere PyTorch's bf16 matmuls on CPU are slower than float32; here bf16 halves the bytes that
+    memory-bound decoding reads per token.
     """
     import torch
 

@@ -19,13 +19,13 @@ class HFChatModel:
     def __init__(self, model_cfg: ModelConfig, cache_dir: str | Path, batch_size: int = 8, device: str | None = None) -> None:
         import torch
 
-        from unifit.models import cpu_has_native_bf16, load_model, load_tokenizer
+        from unifit.models import cpu_has_fast_bf16, load_model, load_tokenizer
 
         self.name = model_cfg.name
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cpu" and model_cfg.dtype == "bfloat16" and not cpu_has_native_bf16():
-            log.warning("model.dtype=bfloat16, but this CPU has no native bf16 matmuls (AVX512-BF16, AMX or Arm BF16): "
+        if self.device == "cpu" and model_cfg.dtype == "bfloat16" and not cpu_has_fast_bf16():
+            log.warning("model.dtype=bfloat16, but oneDNN has no bf16 kernels for this CPU (it needs AVX-512 or Arm BF16): "
                         "%s generates in float32, which is faster here", model_cfg.name)
             model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         self.tokenizer = load_tokenizer(model_cfg, cache_dir)
