@@ -34,7 +34,8 @@ def embedded_gguf_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> Any:
+    """The torch dtype a config's `dtype` string names (imported lazily: configs load without torch)."""
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -169,7 +170,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path, device: str | None = Non
     model_dir = resolve_model_dir(cfg, cache_dir)
     with _remote_code_hint(cfg, model_dir):
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+            model_dir, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
         )
     if device:
         model.to(device)

@@ -49,15 +49,15 @@ class ShardScorer:
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
                  max_tokens_per_batch: int, chat_template: Optional[str] = None, trust_remote_code: bool = False) -> None:
         import ray
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from unifit.models import torch_dtype
 
         self.node = ray.get_runtime_context().get_node_id()  # reported per shard: the stage counts the nodes that scored
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if chat_template:
             self.tokenizer.chat_template = chat_template
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True,
                                                           trust_remote_code=trust_remote_code).to(device).eval()
         self.out_dir = Path(out_dir)
         self.max_length = max_length
