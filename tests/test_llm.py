@@ -175,6 +175,7 @@ def test_client_forwards_choose_in_input_order(tiny_model_cfg, cache_dir: Path, 
     picks = ["b", "a", "c", "c", "a"]
     try:
         choices = client.choose([[{"role": "user", "content": p}] for p in picks], ["a", "b", "c"])
+        pool.wait_ready()
     finally:
         pool.close()
     assert [c.index for c in choices] == [1, 0, 2, 2, 0]
@@ -208,6 +209,7 @@ def test_client_is_ordered_cached_actor_count_independent_and_loads_once(
             out = client.complete(conversations, params)
             for call in range(1, calls):  # more calls of the stage, each one new (another seed): the same actors serve them
                 client.complete(conversations, GenerationParams(max_new_tokens=2, temperature=0.8, seed=100 + call))
+            client.pool.wait_ready()  # an actor still starting may have had no batch; its load counts all the same
         finally:
             clients.close()
         return out, clients.metrics()

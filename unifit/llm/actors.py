@@ -21,7 +21,7 @@ IN_FLIGHT_PER_ACTOR = 2  # one batch running, one queued behind it: no idle gap 
 class PoolStats:
     """What serving cost: model loads (actors started), their start-up, and time spent inside model calls."""
 
-    loads: int = 0
+    loads: int = 0  # backend objects built (an actor killed before its model finished loading does not count)
     load_seconds: float = 0.0  # inside the actors: building the backend object (imports, weights, engine start)
     startup_seconds: float = 0.0  # per actor, from the request to start it until it was ready (adds process start and queueing)
     call_seconds: float = 0.0  # inside backend calls, summed over actors
@@ -141,8 +141,7 @@ class ActorPool:
             created = time.time()
             handle = remote_class.options(**options).remote(self.build)
             self.actors.append(_Actor(handle, handle.ready.remote(), created, group))
-            self.stats.loads += 1
-        log.info("%s: %d actor(s) now (%d loads so far)", self.backend_class.__name__, len(self.actors), self.stats.loads)
+        log.info("%s: starting %d actor(s), %d in the pool", self.backend_class.__name__, count, len(self.actors))
 
     def _grow(self, wanted: int) -> None:
         missing = min(wanted, self.max_actors) - len(self.actors)
@@ -154,32 +153,49 @@ class ActorPool:
 
         if not actor.ready_recorded:
             load_seconds, ready_at = ray.get(actor.ready_ref)
+            self.stats.loads += 1
             self.stats.load_seconds += load_seconds
             self.stats.startup_seconds += max(0.0, ready_at - actor.created_at)
             actor.ready_recorded = True
 
+    def wait_ready(self) -> None:
+        """Block until every actor has its model loaded (to time start-up apart from serving)."""
+        for actor in self.actors:
+            self._record_ready(actor)
+
     def map(self, method: str, batches: Sequence[list[Any]], argument: Any) -> Iterator[tuple[int, list[Any]]]:
-        """(batch index, result) as batches finish, each on whichever actor is free."""
+        """(batch index, result) as batches finish, each on whichever actor is free.
+
+        Batches go only to actors that have finished starting: one slow to start (or waiting for a free CPU/GPU)
+        holds no batch the others could serve.
+        """
         import ray
 
         self.last_used = time.time()
         self._grow(len(batches))
         queue = deque(enumerate(batches))
         in_flight: dict[Any, tuple[int, int]] = {}  # result ref -> (actor position, batch index)
+        starting = {actor.ready_ref: position for position, actor in enumerate(self.actors) if not actor.ready_recorded}
 
         def submit(position: int) -> None:
             index, batch = queue.popleft()
             in_flight[self.actors[position].handle.call.remote(method, batch, argument)] = (position, index)
 
         for _ in range(IN_FLIGHT_PER_ACTOR):
-            for position in range(len(self.actors)):
-                if queue:
+            for position, actor in enumerate(self.actors):
+                if queue and actor.ready_recorded:
                     submit(position)
-        while in_flight:
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
+        while in_flight or (queue and starting):
+            [done], _ = ray.wait([*in_flight, *(starting if queue else [])], num_returns=1)
+            if done in starting:
+                position = starting.pop(done)
+                self._record_ready(self.actors[position])
+                for _ in range(IN_FLIGHT_PER_ACTOR):
+                    if queue:
+                        submit(position)
+                continue
             position, index = in_flight.pop(done)
             result, seconds = ray.get(done)
-            self._record_ready(self.actors[position])
             self.stats.call_seconds += seconds
             self.stats.batches += 1
             if queue:
@@ -192,6 +208,8 @@ class ActorPool:
         from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
+            if not actor.ready_recorded and ray.wait([actor.ready_ref], timeout=0)[0]:
+                self._record_ready(actor)  # loaded, though it got no batch: it counts
             ray.kill(actor.handle)
             if actor.placement_group is not None:
                 remove_placement_group(actor.placement_group)
