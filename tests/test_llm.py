@@ -168,8 +168,13 @@ class ChoosingModel(CountingModel):
 
 def test_client_forwards_choose_in_input_order(tiny_model_cfg, cache_dir: Path, ray_local: None) -> None:
     """Through real Ray actors (2, batches of 2): the options reach the backend's `choose`, replies come back in order."""
+    import sys
+
+    from ray import cloudpickle
+
     from unifit.llm.actors import ActorPool
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors are other processes: ship ChoosingModel by value
     pool = ActorPool(ChoosingModel, ChoosingModel, max_actors=2, resources={"num_cpus": 1})
     client = ModelClient("choosing", "choosing-v1", pool, batch_size=2)
     picks = ["b", "a", "c", "c", "a"]
@@ -178,6 +183,7 @@ def test_client_forwards_choose_in_input_order(tiny_model_cfg, cache_dir: Path, 
         pool.wait_ready()
     finally:
         pool.close()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert [c.index for c in choices] == [1, 0, 2, 2, 0]
     assert choices[0].probs == pytest.approx((0.05, 0.9, 0.05)) and pool.stats.loads == 2
 

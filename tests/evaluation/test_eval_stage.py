@@ -169,13 +169,13 @@ def test_judge_setup_flags_self_judging_as_smoke_test() -> None:
 
 
 def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_dir: Path) -> None:
-    """No scripted parts: tiny random models answer through generate_with_ray (Ray actors) and judge in process."""
+    """No scripted parts: tiny random models answer and judge through the stage's own clients (Ray actors); each
+    model is loaded once per actor for all of its calls (questions, answers, 3 orderings, diversity)."""
     import shutil
 
     from conftest import tiny_model_config
 
     from unifit.config import BackendConfig, ClusterConfig
-    from unifit.llm.hf import HFChatModel
     from unifit.models import resolve_model_dir
 
     run_dir = _run_dir(tmp_path)
@@ -189,8 +189,11 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
                        evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
                                                diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
                                                judge_max_retries=1, question_max_rounds=3))
-    judge = HFChatModel(tiny, cache_dir, batch_size=8)
-    metrics = evaluation_stage.run(StageContext(cfg, run_dir, "evaluate"), judge=judge)
+    ctx = StageContext(cfg, run_dir, "evaluate")
+    metrics = evaluation_stage.run(ctx)
+    for pool in ctx.clients.pools.values():
+        pool.wait_ready()  # an actor still starting may have had no batch; its load counts all the same
+    serving = ctx.release_models()
     judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
     n = metrics["test_questions"]
     assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]
@@ -202,3 +205,6 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     assert all(a["answer"] for a in answers)
     diversity = json.loads((run_dir / "evaluate" / "diversity.json").read_text())
     assert diversity["sources"]["unifit"]["failures"] == 1 and diversity["sources"]["self_instruct"]["failures"] == 1
+    # two models (the judge is the native model: one shared pool) over at most 2 actors each, whatever the calls
+    assert serving["models_served"] == 2 and serving["model_calls"] >= 6
+    assert 2 <= serving["model_loads"] <= 2 * 2 and serving["engine_starts"] == 0

@@ -20,7 +20,7 @@ def test_two_actors_give_the_same_instances_as_one_and_load_once_each(tmp_path: 
             "model": to_container(tiny_model_config("llama")),
             "backend": {"name": "hf", "batch_size": 2, "max_new_tokens": 12, "temperature": 0.9, "cache": False},
             "cluster": {"generation_actors": actors},
-            "generate": {"scopes": ["Email", "DNS"], "n_subconcepts": 2, "depth": 1, "questions_per_leaf": 1,
+            "generate": {"scopes": ["Email", "DNS", "PKI", "CDN"], "n_subconcepts": 2, "depth": 1, "questions_per_leaf": 1,
                          "max_retries": 0, "shard_size": 4, "self_instruct": False, "min_answer_chars": 1},
         })
         ctx = StageContext(cfg, Path(cfg.run_dir), "generate")
