@@ -1,12 +1,12 @@
-"""Generation throughput: Ray Data actor pool (batched, left-padded) vs one prompt at a time, same run, same prompts.
+"""Generation throughput: a model client over Ray actors (batched, left-padded) vs one prompt at a time, same run, same prompts.
 
     python bench/gen_bench.py [--n 48] [--n-seq 8] [--max-new-tokens 48] [--actors 2] [--batch-size 8]
 
 Model: the embedded SmolLM2-135M-Instruct (ModelConfig() default). Baseline: HFChatModel with batch
 size 1 in this process (torch uses every core) on the first `n-seq` prompts (a rate, so a subset keeps the
-bench short). Ray: `generate_with_ray` on all `n` prompts with `actors` x 1 CPU, batch `batch-size`,
-completion cache off; its wall time includes actor start-up and model loading, which is also measured
-alone (one prompt, one token) to give the steady-state rate. Prints output tokens/s and the ratios. The prompts are concept-tree leaf prompts, sampled with the
+bench short). Ray: a model client (`unifit.llm.client`) with `actors` x 1 CPU, batch `batch-size`, completion
+cache off. Its actors start on the first call and serve every later one, so start-up is measured as a first call
+that starts every actor (one batch each, one token), and the steady-state rate is the next call on all `n` prompts. Prints output tokens/s and the ratios. The prompts are concept-tree leaf prompts, sampled with the
 pipeline's default settings (temperature 0.7, top-p 0.95, repetition penalty 1.2).
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     from unifit.config import BackendConfig, ClusterConfig, GenerateConfig, ModelConfig, UnifitConfig
     from unifit.llm.base import GenerationParams
     from unifit.llm.hf import HFChatModel
-    from unifit.llm.ray_generate import generate_with_ray
+    from unifit.llm.client import ModelClients
     from unifit.models import resolve_model_dir
 
     load = os.getloadavg()  # the machine may be shared: a busy host lowers both numbers
@@ -69,24 +69,30 @@ def main() -> None:
     (temp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(temp)  # a private Ray: never join another cluster on this host
     ray.init(num_cpus=args.actors, object_store_memory=1 << 30, include_dashboard=False, _temp_dir=str(temp / "ray"), log_to_driver=False)
+    clients = ModelClients(cfg.cluster, cfg.cache_dir)
+    client = clients.connect(cfg.model, cfg.backend, "bench")
     try:
         start = time.perf_counter()
-        batched = generate_with_ray(cfg, prompts, params, desc="bench")
-        ray_s = time.perf_counter() - start
-        start = time.perf_counter()
-        generate_with_ray(cfg, prompts[:1], dataclasses.replace(params, max_new_tokens=1, seed=1), desc="start-up only")
+        client.complete(prompts[: args.actors * args.batch_size], dataclasses.replace(params, max_new_tokens=1, seed=1))
+        client.pool.wait_ready()
         startup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = client.complete(prompts, params)
+        steady_s = time.perf_counter() - start
     finally:
+        clients.close()
         ray.shutdown()
+    ray_s = startup_s + steady_s
+    loads = clients.metrics()["model_loads"]
     ray_tokens = sum(c.num_output_tokens for c in batched)
 
-    seq_rate, ray_rate, steady_rate = seq_tokens / seq_s, ray_tokens / ray_s, ray_tokens / max(ray_s - startup_s, 1e-9)
+    seq_rate, ray_rate, steady_rate = seq_tokens / seq_s, ray_tokens / ray_s, ray_tokens / steady_s
     print(f"model: {cfg.model.name} (embedded), prompts: {args.n_seq} sequential / {args.n} Ray, max_new_tokens: {args.max_new_tokens}, "
           f"torch threads (sequential): {torch.get_num_threads()}, cores: {os.cpu_count()}, load average at start: {load[0]:.1f}")
     print(f"sequential HF generate, batch 1:            {seq_tokens:5d} tokens in {seq_s:6.1f} s = {seq_rate:6.1f} tok/s")
-    print(f"Ray Data actor pool, {args.actors} actors x 1 CPU, batch {args.batch_size}: {ray_tokens:5d} tokens in {ray_s:6.1f} s "
+    print(f"model client, {args.actors} actors x 1 CPU, batch {args.batch_size}: {ray_tokens:5d} tokens in {ray_s:6.1f} s "
           f"= {ray_rate:6.1f} tok/s (includes actor start-up)")
-    print(f"Ray start-up alone (1 prompt, 1 token): {startup_s:.1f} s -> steady state {steady_rate:6.1f} tok/s")
+    print(f"actor start-up ({loads} model loads, one batch of 1 token each): {startup_s:.1f} s -> steady state {steady_rate:6.1f} tok/s")
     print(f"speed-up: {ray_rate / seq_rate:.2f}x end to end, {steady_rate / seq_rate:.2f}x steady state")
 
 

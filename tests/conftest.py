@@ -8,7 +8,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -30,6 +31,11 @@ def tiny_model_config(model_type: str = "llama", **overrides: object) -> ModelCo
     """A tiny random model of `model_type` (llama, mistral, qwen2) with the embedded SmolLM2 tokenizer."""
     random_init = {"model_type": model_type, **TINY_SIZES, **overrides}
     return ModelConfig(name=f"tiny_{model_type}", source="random", random_init=random_init, max_length=512)
+
+
+def client_of(complete: Callable[..., list[Any]], name: str = "scripted") -> Any:
+    """A model client from a plain `complete(conversations, params)` function (recording or scripted replies)."""
+    return SimpleNamespace(name=name, complete=complete)
 
 
 def compose_config(overrides: list[str]) -> UnifitConfig:

@@ -7,7 +7,7 @@ seeded sampler: identical requests get identical replies, whatever the concurren
 UNIFIT prompt (the default templates in `unifit.config`) and answers either well-formed or with one of
 the garbage kinds below; some prompts get garbage on every attempt, others only on some, so both
 "a retry succeeded" and "retries exhausted" happen. Every request is recorded for the test to account for.
-`ScriptedModel` serves the same script in process (a ChatModel and a generation `generate_fn`).
+`ScriptedModel` serves the same script in process (a model client: `complete`).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class Script:
 
 
 class ScriptedModel:
-    """The script in process: a `ChatModel` (generate/complete) and a generation `generate_fn` (call)."""
+    """The script in process, as a model client (`complete`)."""
 
     name = "scripted-garbage"
 
@@ -222,11 +222,6 @@ class ScriptedModel:
 
         replies = [self.script.reply(list(c), params.seed, params.max_new_tokens, params.json_mode) for c in conversations]
         return [Completion(text, finish, params.max_new_tokens if finish == "length" else len(text.split())) for text, finish in replies]
-
-    def generate(self, conversations: Any, params: Any) -> list[str]:
-        return [c.text for c in self.complete(conversations, params)]
-
-    __call__ = complete
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:

@@ -274,7 +274,7 @@ def test_compared_models_answer_locally_when_generation_uses_an_endpoint() -> No
 
 def _error(model: OpenAIChatModel) -> EndpointError:
     with pytest.raises(EndpointError) as caught:
-        model.generate([[{"role": "user", "content": "What is DNS?"}]], GenerationParams(max_new_tokens=8))
+        model.complete([[{"role": "user", "content": "What is DNS?"}]], GenerationParams(max_new_tokens=8))
     return caught.value
 
 

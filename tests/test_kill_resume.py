@@ -27,7 +27,7 @@ from unifit.records import read_parquet
 from unifit.stage import read_json
 from unifit.training.sft import latest_checkpoint
 
-UNCACHED = re.compile(r"ray_generate: (\S+)(?: \S+)?: (\d+) of \d+ conversations not cached")  # "judge smollm2_135m: 6 of 6 ..."
+UNCACHED = re.compile(r"llm.client: (\S+)(?: \S+)?: (\d+) of \d+ conversations not cached")  # "judge smollm2_135m: 6 of 6 ..."
 POLL_S = 0.05
 
 

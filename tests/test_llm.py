@@ -1,4 +1,4 @@
-"""Backends: hf on a tiny random model, openai against a real HTTP server on 127.0.0.1, the cache."""
+"""Backends: hf on a tiny random model, openai against a real HTTP server on 127.0.0.1; the model client: cache, order, actors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Any, Iterator
 import pytest
 from garbage_server import send_json
 
-from unifit.llm.base import ChatModel, Completion, GenerationParams
-from unifit.llm.cache import CachedChatModel, CompletionCache
+from unifit.llm.actors import InProcessPool
+from unifit.llm.base import ChatClient, Choice, Completion, GenerationParams
+from unifit.llm.cache import CompletionCache
+from unifit.llm.client import ModelClient
 from unifit.llm.openai import EndpointError, OpenAIChatModel
 
 CONVERSATIONS = [[{"role": "user", "content": "What is DNS?"}], [{"role": "user", "content": "Explain PKI in detail please."}]]
@@ -23,7 +25,7 @@ def test_hf_backend_batched_matches_one_by_one(tiny_model_cfg, cache_dir: Path) 
     from unifit.llm.hf import HFChatModel
 
     model = HFChatModel(tiny_model_cfg, cache_dir, batch_size=2)
-    assert isinstance(model, ChatModel)
+    assert isinstance(model, ChatClient)
     params = GenerationParams(max_new_tokens=6, temperature=0.0)
     batched = model.complete(CONVERSATIONS, params)
     single = [model.complete([c], params)[0] for c in CONVERSATIONS]
@@ -100,7 +102,7 @@ def test_openai_backend_against_local_server(server: str, monkeypatch: pytest.Mo
 def test_openai_backend_retries_then_succeeds(server: str) -> None:
     _Handler.fail_first = 2
     model = OpenAIChatModel(server, "m", max_retries=3, backoff_base_s=0.01, concurrency=1)
-    assert model.generate(CONVERSATIONS[:1], GenerationParams()) == ["echo: What is DNS?"]
+    assert [c.text for c in model.complete(CONVERSATIONS[:1], GenerationParams())] == ["echo: What is DNS?"]
     assert len(_Handler.calls) == 3
 
 
@@ -108,90 +110,130 @@ def test_openai_backend_gives_up_with_clear_error(server: str) -> None:
     _Handler.fail_first = 100
     model = OpenAIChatModel(server, "m", max_retries=2, backoff_base_s=0.01, concurrency=1)
     with pytest.raises(EndpointError, match="failed 3 times"):
-        model.generate(CONVERSATIONS[:1], GenerationParams())
+        model.complete(CONVERSATIONS[:1], GenerationParams())
     bad_path = OpenAIChatModel(server.replace("/v1", "/nope"), "m", max_retries=2, backoff_base_s=0.01)
     _Handler.fail_first = 0
     with pytest.raises(EndpointError, match="refused"):
-        bad_path.generate(CONVERSATIONS[:1], GenerationParams())
+        bad_path.complete(CONVERSATIONS[:1], GenerationParams())
 
 
 class CountingModel:
-    """Deterministic ChatModel that records how many conversations reach it."""
+    """Deterministic backend object that records how many conversations reach it."""
 
     name = "counting"
 
     def __init__(self) -> None:
         self.seen = 0
 
-    def generate(self, conversations: Any, params: GenerationParams) -> list[str]:
+    def complete(self, conversations: Any, params: GenerationParams) -> list[Completion]:
         self.seen += len(conversations)
-        return [f"{c[-1]['content']}|{params.seed}" for c in conversations]
+        return [Completion(f"{c[-1]['content']}|{params.seed}", "stop", 1) for c in conversations]
 
 
-def test_cache_answers_repeats_and_keys_on_params(tmp_path: Path) -> None:
+def _client(inner: CountingModel, cache: CompletionCache | None, identity: str = "counting-v1", batch_size: int = 8) -> ModelClient:
+    return ModelClient("counting", identity, InProcessPool(lambda: inner, CountingModel, counts_as_load=True), batch_size, cache)
+
+
+def test_client_cache_answers_repeats_and_keys_on_params(tmp_path: Path) -> None:
     inner = CountingModel()
-    cached = CachedChatModel(inner, CompletionCache(tmp_path / "c.sqlite"), model_identity="counting-v1")
-    first = cached.generate(CONVERSATIONS, GenerationParams(seed=1))
+    texts = lambda client, convs, seed: [c.text for c in client.complete(convs, GenerationParams(seed=seed))]  # noqa: E731
+    cached = _client(inner, CompletionCache(tmp_path / "c.sqlite"))
+    first = texts(cached, CONVERSATIONS, 1)
     assert inner.seen == 2
-    assert cached.generate(CONVERSATIONS, GenerationParams(seed=1)) == first and inner.seen == 2
-    assert cached.generate(CONVERSATIONS[:1], GenerationParams(seed=2)) == ["What is DNS?|2"] and inner.seen == 3
-    reopened = CachedChatModel(inner, CompletionCache(tmp_path / "c.sqlite"), model_identity="counting-v1")
-    assert reopened.generate(CONVERSATIONS, GenerationParams(seed=1)) == first and inner.seen == 3
-    other_model = CachedChatModel(inner, CompletionCache(tmp_path / "c.sqlite"), model_identity="counting-v2")
-    other_model.generate(CONVERSATIONS, GenerationParams(seed=1))
+    assert texts(cached, CONVERSATIONS, 1) == first and inner.seen == 2
+    assert texts(cached, CONVERSATIONS[:1], 2) == ["What is DNS?|2"] and inner.seen == 3
+    reopened = _client(inner, CompletionCache(tmp_path / "c.sqlite"))
+    assert texts(reopened, CONVERSATIONS, 1) == first and inner.seen == 3
+    texts(_client(inner, CompletionCache(tmp_path / "c.sqlite"), identity="counting-v2"), CONVERSATIONS, 1)
     assert inner.seen == 5
+    assert cached.stats.computed == 3 and cached.stats.cached == 2 and cached.pool.stats.loads == 1
 
 
-def test_generate_with_ray_is_ordered_cached_and_actor_count_independent(
-        tiny_model_cfg, cache_dir: Path, tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_batches_in_input_order_and_refuses_choose_without_backend_support() -> None:
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    client = _client(CountingModel(), None, batch_size=2)
+    assert [c.text for c in client.complete(conversations, GenerationParams(seed=4))] == [f"q{i}|4" for i in range(5)]
+    assert client.pool.stats.batches == 3 and client.pool.stats.loads == 1
+    with pytest.raises(NotImplementedError, match="CountingModel backend cannot score options"):
+        client.choose(conversations, ["yes", "no"])
+
+
+class ChoosingModel(CountingModel):
+    """A backend object with `choose`: picks the option named in the prompt, probability 0.9."""
+
+    def choose(self, conversations: Any, options: list[str]) -> list[Choice]:
+        picks = [options.index(c[-1]["content"]) for c in conversations]
+        return [Choice(i, tuple(0.9 if j == i else 0.1 / (len(options) - 1) for j in range(len(options)))) for i in picks]
+
+
+def test_client_forwards_choose_in_input_order(tiny_model_cfg, cache_dir: Path, ray_local: None) -> None:
+    """Through real Ray actors (2, batches of 2): the options reach the backend's `choose`, replies come back in order."""
+    import sys
+
+    from ray import cloudpickle
+
+    from unifit.llm.actors import ActorPool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors are other processes: ship ChoosingModel by value
+    pool = ActorPool(ChoosingModel, ChoosingModel, max_actors=2, resources={"num_cpus": 1})
+    client = ModelClient("choosing", "choosing-v1", pool, batch_size=2)
+    picks = ["b", "a", "c", "c", "a"]
+    try:
+        choices = client.choose([[{"role": "user", "content": p}] for p in picks], ["a", "b", "c"])
+        pool.wait_ready()
+    finally:
+        pool.close()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert [c.index for c in choices] == [1, 0, 2, 2, 0]
+    assert choices[0].probs == pytest.approx((0.05, 0.9, 0.05)) and pool.stats.loads == 2
+
+
+def _run_config(tiny_model_cfg, cache: Path, cache_dir: Path, actors: int, use_cache: bool = True):
     from unifit.config import BackendConfig, ClusterConfig, UnifitConfig
-    from unifit.llm.ray_generate import generate_with_ray
+
+    # the model itself lives in the shared cache; completions go to a per-run cache dir
+    (cache / "models").mkdir(parents=True, exist_ok=True)
+    for entry in (cache_dir / "models").iterdir():
+        if not (cache / "models" / entry.name).exists():
+            (cache / "models" / entry.name).symlink_to(entry)
+    return UnifitConfig(model=tiny_model_cfg, backend=BackendConfig(batch_size=2, cache=use_cache), cache_dir=str(cache),
+                        cluster=ClusterConfig(generation_actors=actors))
+
+
+def test_client_is_ordered_cached_actor_count_independent_and_loads_once(
+        tiny_model_cfg, cache_dir: Path, tmp_path: Path, ray_local: None) -> None:
+    from unifit.llm.client import ModelClients
 
     conversations = [[{"role": "user", "content": f"Question number {i} about routing?"}] for i in range(5)]
     params = GenerationParams(max_new_tokens=5, temperature=0.8, seed=7)
 
-    def run(actors: int, cache: Path) -> list[Completion]:
-        cfg = UnifitConfig(model=tiny_model_cfg, backend=BackendConfig(batch_size=2), cache_dir=str(cache),
-                           cluster=ClusterConfig(generation_actors=actors))
-        # the model itself lives in the shared cache; completions go to a per-run cache dir
-        (cache / "models").mkdir(parents=True, exist_ok=True)
-        for entry in (cache_dir / "models").iterdir():
-            if not (cache / "models" / entry.name).exists():
-                (cache / "models" / entry.name).symlink_to(entry)
-        return generate_with_ray(cfg, conversations, params)
+    def run(actors: int, cache: Path, calls: int = 1) -> tuple[list[Completion], dict[str, Any]]:
+        cfg = _run_config(tiny_model_cfg, cache, cache_dir, actors)
+        clients = ModelClients(cfg.cluster, cfg.cache_dir)
+        client = clients.connect(cfg.model, cfg.backend, "generate")
+        try:
+            out = client.complete(conversations, params)
+            for call in range(1, calls):  # more calls of the stage, each one new (another seed): the same actors serve them
+                client.complete(conversations, GenerationParams(max_new_tokens=2, temperature=0.8, seed=100 + call))
+            client.pool.wait_ready()  # an actor still starting may have had no batch; its load counts all the same
+        finally:
+            clients.close()
+        return out, clients.metrics()
 
-    one, two = run(1, tmp_path / "a"), run(2, tmp_path / "b")
+    (one, one_metrics), (two, two_metrics) = run(1, tmp_path / "a", calls=4), run(2, tmp_path / "b")
     assert [c.text for c in one] == [c.text for c in two]
     assert len(one) == 5 and all(c.num_output_tokens == 5 for c in one)
-    from unifit.llm import ray_generate
-
-    def no_dispatch(*args: Any, **kwargs: Any) -> list[Completion]:
-        raise AssertionError("a fully cached call must not reach Ray")
-
-    monkeypatch.setattr(ray_generate, "_run_actor_pool", no_dispatch)
-    again = run(1, tmp_path / "a")
+    assert one_metrics["model_loads"] == 1 and one_metrics["model_calls"] == 4  # 4 calls, one model load
+    assert two_metrics["model_loads"] == 2 and two_metrics["completions_computed"] == 5
+    again, again_metrics = run(2, tmp_path / "a")
     assert [c.text for c in again] == [c.text for c in one]
-
-
-def test_small_calls_in_driver_match_the_actor_pool(tiny_model_cfg, cache_dir: Path, ray_local: None) -> None:
-    from unifit.config import BackendConfig, ClusterConfig, UnifitConfig
-    from unifit.llm.ray_generate import generate_with_ray
-
-    conversations = [[{"role": "user", "content": f"Name threat number {i}."}] for i in range(3)]
-    params = GenerationParams(max_new_tokens=4, temperature=0.0)
-
-    def run(driver_max: int) -> list[str]:
-        cfg = UnifitConfig(model=tiny_model_cfg, backend=BackendConfig(batch_size=2, cache=False), cache_dir=str(cache_dir),
-                           cluster=ClusterConfig(generation_actors=2, driver_generation_max=driver_max))
-        return [c.text for c in generate_with_ray(cfg, conversations, params)]
-
-    assert run(driver_max=8) == run(driver_max=0)
+    assert again_metrics["model_loads"] == 0 and again_metrics["completions_cached"] == 5  # fully cached: no actor started
 
 
 def test_a_local_model_retrained_in_place_gets_a_new_cache_identity(tmp_path: Path) -> None:
     """A fine-tuned variant retrained at the same path must not be served the old weights' cached answers."""
     from unifit.config import BackendConfig, ModelConfig
-    from unifit.llm.ray_generate import model_identity
+    from unifit.llm.client import model_identity
 
     model_dir = tmp_path / "finetune" / "pithy_ne" / "model"
     model_dir.mkdir(parents=True)

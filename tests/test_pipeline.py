@@ -41,6 +41,11 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     return rec
 
 
+# what a stage that asked no model records about serving models
+NO_MODELS = {"model_loads": 0, "engine_starts": 0, "models_served": 0, "model_load_seconds": 0, "model_startup_seconds": 0,
+             "model_call_seconds": 0, "model_calls": 0, "completions_computed": 0, "completions_cached": 0}
+
+
 def make_cfg(run_dir: Path, **overrides: Any) -> UnifitConfig:
     return UnifitConfig(run_dir=str(run_dir), wandb=WandbConfig(mode="disabled"), **overrides)
 
@@ -51,6 +56,7 @@ def test_rerun_skips_finished_stages(tmp_path: Path, recorder: Recorder) -> None
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert set(timings["stages"]) == set(STAGES)
     assert all(timings["stages"][s]["seconds"] >= 0 for s in STAGES)
+    assert all(timings["stages"][s]["metrics"] == {"shards": 1, **NO_MODELS} for s in STAGES)  # serving counts: every stage
     recorder.calls.clear()
     pipeline.run(make_cfg(tmp_path))
     assert recorder.calls == []
@@ -74,7 +80,7 @@ def test_interrupted_stage_resumes_from_its_shards(tmp_path: Path, recorder: Rec
     pipeline.run(make_cfg(tmp_path))
     assert recorder.calls == ["score", "select", "finetune", "evaluate", "report"]
     manifest = json.loads((tmp_path / "score" / "manifest.json").read_text())
-    assert manifest["metrics"] == {"shards": 2}  # the shard written before the kill was kept for the stage to reuse
+    assert manifest["metrics"] == {"shards": 2, **NO_MODELS}  # the shard written before the kill was kept for the stage to reuse
 
 
 def test_stale_partial_output_is_removed(tmp_path: Path, recorder: Recorder) -> None:
@@ -83,7 +89,7 @@ def test_stale_partial_output_is_removed(tmp_path: Path, recorder: Recorder) -> 
         pipeline.run(make_cfg(tmp_path))
     pipeline.run(make_cfg(tmp_path, select=SelectConfig(ratio=0.2)))
     manifest = json.loads((tmp_path / "select" / "manifest.json").read_text())
-    assert manifest["metrics"] == {"shards": 1}
+    assert manifest["metrics"] == {"shards": 1, **NO_MODELS}
 
 
 def test_subset_needs_finished_upstream(tmp_path: Path, recorder: Recorder) -> None:

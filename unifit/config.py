@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class BackendConfig:
-    """How generation calls are served: in-process HF, vLLM through ray.data.llm, or an OpenAI-compatible URL."""
+    """How model calls are served: HF models or vLLM engines held by Ray actors, or an OpenAI-compatible URL."""
 
     name: str = "hf"  # hf | vllm | openai
     batch_size: int = 8  # conversations per generate call (hf: one left-padded batch)
@@ -89,11 +89,10 @@ class ClusterConfig:
     address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster this job runs in
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
     object_store_memory_gb: float = 2.0  # local Ray only
-    generation_actors: int = 2  # hf generation actors (one model each); vllm: number of engines (= GPUs / tensor parallel)
+    generation_actors: int = 2  # per served model, at most: hf actors (one model each), vllm engines (= GPUs / tensor parallel); kept for the whole stage
     scoring_actors: int = 2  # IFD scoring actors (one scoring model each: per GPU on a cluster, per CPU locally)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    driver_generation_max: int = 0  # calls with at most this many conversations run on a model in the driver (local CPU: skips ~15 s of actor start-up); 0 = all through Ray Data
     train_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
     cpus_per_train_worker: Optional[float] = None  # None: the cluster's CPUs split evenly among train workers (Ray sets each worker's torch threads from this)
     use_gpu: bool = False  # Ray Train workers ask for a GPU each
@@ -104,7 +103,6 @@ class ClusterConfig:
             _check(getattr(self, name) >= 1, f"cluster.{name}", "must be >= 1")
         _check(self.cpus_per_train_worker is None or self.cpus_per_train_worker > 0, "cluster.cpus_per_train_worker",
                "must be > 0, or null to split the cluster's CPUs among the train workers")
-        _check(self.driver_generation_max >= 0, "cluster.driver_generation_max", "must be >= 0 (0 = every call through Ray Data)")
 
 
 @dataclass

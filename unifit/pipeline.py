@@ -172,7 +172,11 @@ def _run_stage(cfg: UnifitConfig, run_dir: Path, stage: str, stage_dir: Path, st
     log.info("[%s] running", stage)
     started = time.time()
     context = StageContext(cfg, run_dir, stage, log_metrics=lambda m: tracker.log({f"{stage}/{k}": v for k, v in m.items()}))
-    metrics = _stage_function(stage)(context) or {}
+    try:
+        metrics = _stage_function(stage)(context) or {}
+    finally:
+        serving = context.release_models()  # the stage's actors go now, before the next stage needs the CPUs/GPUs
+    metrics = {**metrics, **serving}
     seconds = time.time() - started
     timings["stages"][stage] = {"seconds": seconds, "metrics": metrics}
     write_json(run_dir / "timings.json", timings)

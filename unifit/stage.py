@@ -2,7 +2,8 @@
 
 A stage is a plain function `run(ctx: StageContext) -> dict[str, Any]` returning counts/metrics (numbers
 and short strings); the pipeline records them with the stage's wall time in `timings.json`, the
-manifest and W&B. A stage resumes by looking at what it already wrote under `ctx.out_dir` — the
+manifest and W&B, together with what serving its models cost (`release_models`). A stage gets its model
+clients from `ctx.connect`: each model is loaded once per actor for all the calls of the stage. A stage resumes by looking at what it already wrote under `ctx.out_dir` — the
 pipeline keeps an interrupted stage's directory as long as its fingerprint is unchanged.
 """
 
@@ -13,9 +14,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from unifit.config import UnifitConfig
+from unifit.config import BackendConfig, ModelConfig, UnifitConfig
+
+if TYPE_CHECKING:
+    from unifit.llm.client import ModelClient, ModelClients
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,23 @@ class StageContext:
     run_dir: Path
     name: str
     log_metrics: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
+    clients: Optional["ModelClients"] = field(default=None, repr=False)  # created by the first `connect`
+
+    def connect(self, model_cfg: ModelConfig, backend: BackendConfig, desc: str) -> "ModelClient":
+        """A client for one model role of this stage; roles with the same model and backend share its actors."""
+        from unifit.llm.client import ModelClients
+
+        if self.clients is None:
+            self.clients = ModelClients(self.cfg.cluster, self.cfg.cache_dir)
+        return self.clients.connect(model_cfg, backend, desc)
+
+    def release_models(self) -> dict[str, Any]:
+        """Release every model of the stage and return what serving them cost (loads, seconds, calls; zeros if none)."""
+        from unifit.llm.client import ModelClients
+
+        clients = self.clients or ModelClients(self.cfg.cluster, self.cfg.cache_dir)
+        clients.close()
+        return clients.metrics()
 
     @property
     def out_dir(self) -> Path:

@@ -58,14 +58,13 @@ def two_nodes() -> Iterator[str]:
 
 
 def _in_process(cfg: UnifitConfig) -> list[Completion]:
-    """The reference: one model in this process, fed the same batches the driver forms for the actors."""
-    from unifit.llm.base import complete
+    """The reference: one model in this process, fed the same batches the client forms for the actors."""
     from unifit.llm.hf import HFChatModel
 
     model = HFChatModel(cfg.model, cfg.cache_dir, batch_size=cfg.backend.batch_size)
     size = cfg.backend.batch_size
     return [c for start in range(0, len(CONVERSATIONS), size)
-            for c in complete(model, CONVERSATIONS[start : start + size], PARAMS)]
+            for c in model.complete(CONVERSATIONS[start : start + size], PARAMS)]
 
 
 def _actor_nodes(class_fragment: str) -> set[str]:
@@ -83,15 +82,17 @@ def _actor_nodes(class_fragment: str) -> set[str]:
 def test_generation_sharded_over_two_nodes_matches_one_process(two_nodes: str, cache_dir: Path) -> None:
     import ray
 
-    from unifit.llm.ray_generate import generate_with_ray
+    from unifit.llm.client import ModelClients
 
     cfg = UnifitConfig(model=tiny_model_config("llama"), cache_dir=str(cache_dir),
                        backend=BackendConfig(batch_size=2, cache=False),
                        cluster=ClusterConfig(address=two_nodes, generation_actors=2, cpus_per_actor=1))
-    sharded = generate_with_ray(cfg, CONVERSATIONS, PARAMS)
+    clients = ModelClients(cfg.cluster, cfg.cache_dir)
+    sharded = clients.connect(cfg.model, cfg.backend).complete(CONVERSATIONS, PARAMS)
 
     assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2  # joined the cluster, not a private Ray
-    actor_nodes = _actor_nodes("_GenerationActor")
+    actor_nodes = _actor_nodes("ModelActor")
+    clients.close()
     assert len(actor_nodes) == 2, f"generation actors ran on {actor_nodes}; expected both nodes"
 
     reference = _in_process(cfg)

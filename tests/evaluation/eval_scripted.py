@@ -1,4 +1,4 @@
-"""A scripted judge shaped like a real ChatModel: it reads the prompt it is given and answers by a policy.
+"""A scripted judge answering in free text (`generate`), as a test may pass one in: it reads the prompt it is given and answers by a policy.
 
 Policies see the whole conversation (the first user turn is the judge prompt; a retry appends the bad
 reply and a reminder), so retries are exercised exactly as with a real model.

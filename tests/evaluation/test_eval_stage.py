@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pytest
+from conftest import client_of
 from eval_scripted import picks_longest
 
 from unifit.config import EvaluateConfig, ModelConfig, UnifitConfig, VariantConfig
@@ -116,15 +117,18 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     cfg = UnifitConfig(run_dir=str(run_dir), variants=[VariantConfig("pithy_ne", "pithy", True), VariantConfig("all", "all", False)],
                        evaluate=EvaluateConfig(num_test_questions=5, bootstrap_samples=200, diversity_draws=2, diversity_sample_size=2,
                                                extra_models=[ModelConfig(name="other", source="hub", path="org/other")]))
-    asked: list[tuple[ModelConfig, GenerationParams]] = []
+    asked: list[tuple[str, GenerationParams]] = []
 
-    def answer_fn(model_cfg: ModelConfig, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        asked.append((model_cfg, params))
-        detail = {"smollm2_135m": 1, "pithy_ne": 9, "other": 4}[model_cfg.name]  # native = cfg.model
-        return [Completion(f"{model_cfg.name} on {c[0]['content'][:20]}" + " detail" * detail, "stop", 5) for c in conversations]
+    def answerer(name: str, detail: int) -> Any:
+        def complete(conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+            asked.append((name, params))
+            return [Completion(f"{name} on {c[0]['content'][:20]}" + " detail" * detail, "stop", 5) for c in conversations]
+
+        return client_of(complete, name)
 
     ctx = StageContext(cfg, run_dir, "evaluate")
-    metrics = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answer_fn=answer_fn)
+    answerers = {"native": answerer("smollm2_135m", 1), "pithy_ne": answerer("pithy_ne", 9), "other": answerer("other", 4)}
+    metrics = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answerers=answerers)
     out = run_dir / "evaluate"
 
     from datasets import load_dataset
@@ -134,9 +138,9 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     answers = read_parquet(out / "answers.parquet")
     assert len(answers) == 15 and {a["model"] for a in answers} == {"native", "pithy_ne", "other"}
     assert {a["question_id"] for a in answers} == set(questions["question_id"])
-    by_name = {m.name: (m, p) for m, p in asked}
-    assert by_name["pithy_ne"][0].path == str(run_dir / "finetune" / "pithy_ne" / "model")
-    assert by_name["pithy_ne"][0].source == "hub"
+    models, missing = evaluation_stage.compared_models(cfg, run_dir)
+    assert models["pithy_ne"].path == str(run_dir / "finetune" / "pithy_ne" / "model") and models["pithy_ne"].source == "hub"
+    assert missing == ["all"] and sorted(name for name, _ in asked) == ["other", "pithy_ne", "smollm2_135m"]
     assert all(p.temperature == 0.0 and p.repetition_penalty == 1.2 for _, p in asked)
     assert len({p for _, p in asked}) == 1  # identical settings for every model
 
@@ -153,7 +157,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     def must_not_run(*args: object) -> list[Completion]:
         raise AssertionError("answers were already complete: the resumed stage must not ask again")
 
-    again = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answer_fn=must_not_run)
+    again = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answerers={name: client_of(must_not_run) for name in answerers})
     assert again["win_rate/pithy_ne"] == 1.0
 
 
@@ -165,13 +169,13 @@ def test_judge_setup_flags_self_judging_as_smoke_test() -> None:
 
 
 def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_dir: Path) -> None:
-    """No scripted parts: tiny random models answer through generate_with_ray (Ray actors) and judge in process."""
+    """No scripted parts: tiny random models answer and judge through the stage's own clients (Ray actors); each
+    model is loaded once per actor for all of its calls (questions, answers, 3 orderings, diversity)."""
     import shutil
 
     from conftest import tiny_model_config
 
     from unifit.config import BackendConfig, ClusterConfig
-    from unifit.llm.hf import HFChatModel
     from unifit.models import resolve_model_dir
 
     run_dir = _run_dir(tmp_path)
@@ -185,8 +189,11 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
                        evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
                                                diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
                                                judge_max_retries=1, question_max_rounds=3))
-    judge = HFChatModel(tiny, cache_dir, batch_size=8)
-    metrics = evaluation_stage.run(StageContext(cfg, run_dir, "evaluate"), judge=judge)
+    ctx = StageContext(cfg, run_dir, "evaluate")
+    metrics = evaluation_stage.run(ctx)
+    for pool in ctx.clients.pools.values():
+        pool.wait_ready()  # an actor still starting may have had no batch; its load counts all the same
+    serving = ctx.release_models()
     judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
     n = metrics["test_questions"]
     assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]
@@ -198,3 +205,6 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     assert all(a["answer"] for a in answers)
     diversity = json.loads((run_dir / "evaluate" / "diversity.json").read_text())
     assert diversity["sources"]["unifit"]["failures"] == 1 and diversity["sources"]["self_instruct"]["failures"] == 1
+    # two models (the judge is the native model: one shared pool) over at most 2 actors each, whatever the calls
+    assert serving["models_served"] == 2 and serving["model_calls"] >= 6
+    assert 2 <= serving["model_loads"] <= 2 * 2 and serving["engine_starts"] == 0

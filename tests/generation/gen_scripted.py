@@ -1,4 +1,4 @@
-"""A scripted generator shaped like `generate_with_ray`: realistic list/JSON/Q&A replies, malformed ones on demand.
+"""A scripted generator shaped like a model client (`complete`): realistic list/JSON/Q&A replies, malformed ones on demand.
 
 Names are pseudo-words derived from a hash of the prompt, so distinct concepts get distinct vocabulary
 (and so distinct questions) while every rerun sees exactly the same replies.
@@ -46,14 +46,16 @@ def followup_reply(question: str) -> str:
 
 @dataclass
 class Scripted:
-    """Callable like generate_fn; `override(prompt, seed)` may return a Completion to inject special replies."""
+    """A model client; `override(prompt, seed)` may return a Completion to inject special replies."""
+
+    name = "scripted"
 
     override: Optional[Callable[[str, int], Optional[Completion]]] = None
     calls: list[str] = field(default_factory=list)  # every prompt, in call order
     batches: list[int] = field(default_factory=list)  # size of each batched call
     fail_after_calls: Optional[int] = None  # raise once this many prompts were answered (simulated crash)
 
-    def __call__(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+    def complete(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
         self.batches.append(len(conversations))
         replies = []
         for conversation in conversations:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import client_of
 from gen_scripted import Scripted, make_cfg, pseudo_word
 
 from unifit.generation.instances import generate_leaf_instances
@@ -90,9 +91,9 @@ def test_two_step_mode_lists_questions_then_answers_each(tmp_path) -> None:
 
     def recording(conversations, params):
         followup_context_lengths.extend(len(c) for c in conversations if c[-1]["content"].startswith("What comes after"))
-        return model(conversations, params)
+        return model.complete(conversations, params)
 
-    instances, counts = generate_leaf_instances(leaves, gen, recording, GenerationParams(), "smollm2_135m")
+    instances, counts = generate_leaf_instances(leaves, gen, client_of(recording), GenerationParams(), "smollm2_135m")
     assert counts["dropped_over_q"] == len(leaves)  # the third listed question is cut to q=2
     asked_directly = [p for p in model.calls if p.endswith("?") and not p.startswith(("Please", "Based"))]
     assert len(asked_directly) >= 2 * len(leaves)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import client_of
+
 from unifit.generation.parsing import ask_parsed, clean_item, is_refusal, name_survives_cut, normalise_concept, parse_list, parse_qa
 from unifit.llm.base import Completion, GenerationParams
 
@@ -70,7 +72,7 @@ def test_ask_parsed_retries_only_failures_with_new_seeds() -> None:
         seen.extend((c[-1]["content"], params.seed) for c in conversations)
         return [Completion("1. ok" if c[-1]["content"] == "good" or params.seed >= 7 else "no list here", "stop") for c in conversations]
 
-    results = ask_parsed(generate, [[{"role": "user", "content": p}] for p in ("good", "bad")], GenerationParams(seed=5), parse_list, 3)
+    results = ask_parsed(client_of(generate), [[{"role": "user", "content": p}] for p in ("good", "bad")], GenerationParams(seed=5), parse_list, 3)
     assert [r.value for r in results] == [["ok"], ["ok"]]
     assert [r.attempts for r in results] == [1, 3]
     assert seen == [("good", 5), ("bad", 5), ("bad", 6), ("bad", 7)]

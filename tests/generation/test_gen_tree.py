@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from conftest import client_of
 from gen_scripted import Scripted, make_cfg
 
 from unifit.generation.tree import ATOMIC, EXPANDED, FAILED, Tree, build_tree, draw_tree, node_id
@@ -91,7 +92,7 @@ def test_json_mode_requests_json_and_appends_hint(tmp_path) -> None:
         assert conversations[0][0]["content"].endswith(gen.json_hint)
         return [Completion('{"concepts": ["SPF", "DKIM"]}', "stop")]
 
-    tree = build_tree("cybersecurity", gen, generate, GenerationParams(), json_mode=True)
+    tree = build_tree("cybersecurity", gen, client_of(generate), GenerationParams(), json_mode=True)
     assert seen == [True] and [n.concept for n in tree.leaves()] == ["SPF", "DKIM"]
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
 from unifit.config import ConfigError, ModelConfig, UnifitConfig
-from unifit.llm.base import Completion, Conversation, GenerationParams
+from unifit.llm.base import ChatClient, Conversation, FreeTextModel, GenerationParams, as_client
 from unifit.records import read_parquet, write_parquet
 
 NATIVE = "native"
@@ -25,7 +25,6 @@ ANSWER_SCHEMA = pa.schema([
     ("answer", pa.string()),
     ("finish_reason", pa.string()),
 ])
-AnswerFn = Callable[[ModelConfig, Sequence[Conversation], GenerationParams], list[Completion]]
 
 
 def compared_models(cfg: UnifitConfig, run_dir: Path) -> tuple[dict[str, ModelConfig], list[str]]:
@@ -56,24 +55,25 @@ def answer_params(cfg: UnifitConfig) -> GenerationParams:
                             repetition_penalty=cfg.evaluate.answer_repetition_penalty, seed=cfg.seed)
 
 
-def collect_answers(questions: Sequence[dict[str, Any]], models: dict[str, ModelConfig], answer_fn: AnswerFn,
+def collect_answers(questions: Sequence[dict[str, Any]], answerers: Mapping[str, ChatClient | FreeTextModel],
                     params: GenerationParams, path: Path) -> dict[str, list[str]]:
-    """Model name -> answers aligned with `questions`; models already complete in `path` are not asked again."""
+    """Model name -> answers aligned with `questions`; models already complete in `path` are not asked again
+    (their clients never load a model)."""
     ids = [q["question_id"] for q in questions]
     rows = read_parquet(path) if path.exists() else []
     done: dict[str, dict[str, str]] = {}
     for row in rows:
         done.setdefault(row["model"], {})[row["question_id"]] = row["answer"]
-    rows = [r for r in rows if r["model"] in models and set(ids) <= set(done[r["model"]])]  # drop partial/foreign models
+    rows = [r for r in rows if r["model"] in answerers and set(ids) <= set(done[r["model"]])]  # drop partial/foreign models
     conversations: list[Conversation] = [[{"role": "user", "content": q["question"]}] for q in questions]
-    for name, model_cfg in models.items():
+    for name, answerer in answerers.items():
         if name in done and set(ids) <= set(done[name]):
             continue
-        completions = answer_fn(model_cfg, conversations, params)
+        completions = as_client(answerer).complete(conversations, params)
         if len(completions) != len(questions):
             raise RuntimeError(f"model {name!r}: got {len(completions)} answers for {len(questions)} questions")
         rows += [{"question_id": qid, "model": name, "answer": c.text, "finish_reason": c.finish_reason}
                  for qid, c in zip(ids, completions)]
         write_parquet(rows, path, ANSWER_SCHEMA)  # after each model: the unit of resume
         done[name] = {qid: c.text for qid, c in zip(ids, completions)}
-    return {name: [done[name][qid] for qid in ids] for name in models}
+    return {name: [done[name][qid] for qid in ids] for name in answerers}

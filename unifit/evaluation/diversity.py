@@ -16,7 +16,7 @@ import numpy as np
 
 from unifit.config import EvaluateConfig
 from unifit.evaluation.asking import ask_with_retries
-from unifit.llm.base import ChatModel, GenerationParams
+from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
 
 DIMENSIONS: tuple[str, ...] = ("scope", "complexity", "practicality", "depth", "clarity", "correlation")
 _LINE = re.compile(r"\b(" + "|".join(DIMENSIONS) + r")\b\W{0,6}?\s*[:=\-]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -53,7 +53,7 @@ def draw_samples(instructions: Sequence[str], draws: int, size: int, seed: int) 
     return [[instructions[i] for i in rng.choice(len(instructions), size=size, replace=False)] for _ in range(draws)]
 
 
-def diversity(judge: ChatModel, sources: Mapping[str, Sequence[str]], *, domain: str, draws: int, sample_size: int,
+def diversity(judge: ChatClient | FreeTextModel, sources: Mapping[str, Sequence[str]], *, domain: str, draws: int, sample_size: int,
               seed: int, max_retries: int = 2, params: Optional[GenerationParams] = None,
               prompt: str = EvaluateConfig.diversity_prompt,
               retry_prompt: str = EvaluateConfig.diversity_retry_prompt) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def diversity(judge: ChatModel, sources: Mapping[str, Sequence[str]], *, domain:
                for _, sample in plan]
     parsed, replies, retries = ask_with_retries(judge, prompts, lambda text, _i: parse_scores(text),
                                                 [retry_prompt.format()] * len(prompts), params,
-                                                max_retries=max_retries, desc="diversity")
+                                                max_retries=max_retries)
     result: dict[str, Any] = {"dimensions": list(DIMENSIONS), "draws": draws, "sample_size": sample_size,
                               "judge": getattr(judge, "name", type(judge).__name__), "retries": retries, "sources": {}}
     for name, texts in sources.items():

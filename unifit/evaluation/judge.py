@@ -18,7 +18,7 @@ import numpy as np
 
 from unifit.config import EvaluateConfig
 from unifit.evaluation.asking import ask_with_retries
-from unifit.llm.base import ChatModel, GenerationParams
+from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
 
 ORDERING_NAMES: tuple[str, ...] = ("forward", "reverse", "random")
 _VERDICT = re.compile(r"\[\[\s*(\d+)\s*\]\]")
@@ -121,7 +121,7 @@ def aggregate(votes: Sequence[Sequence[Optional[str]]], models: Sequence[str], *
     )
 
 
-def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], judge: ChatModel, *, seed: int,
+def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], judge: ChatClient | FreeTextModel, *, seed: int,
               max_retries: int = 2, bootstrap_samples: int = 1000, params: Optional[GenerationParams] = None,
               prompt: str = EvaluateConfig.judge_prompt, retry_prompt: str = EvaluateConfig.judge_retry_prompt,
               question_ids: Optional[Sequence[str]] = None) -> WinRates:
@@ -145,7 +145,7 @@ def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], ju
                for q, question in enumerate(questions) for order in perms[q]]
     verdicts, replies, retries = ask_with_retries(
         judge, prompts, lambda text, _i: parse_verdict(text, k), [retry_prompt.format(k=k)] * len(prompts), params,
-        max_retries=max_retries, desc="judging")
+        max_retries=max_retries)
     votes: list[list[Optional[str]]] = []
     for q in range(len(questions)):
         row = verdicts[3 * q:3 * q + 3]

@@ -21,7 +21,7 @@ from unifit.fingerprint import fingerprint
 from unifit.generation.dedup import NearDuplicateIndex
 from unifit.generation.parsing import foreign_script
 from unifit.generation.tree import Node
-from unifit.llm.base import ChatModel, GenerationParams, complete
+from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 
 QUESTION_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -59,7 +59,7 @@ def training_index(texts: Iterable[str], threshold: float, shingle_size: int) ->
     return index
 
 
-def generate_test_questions(generator: ChatModel, leaves: Sequence[Node], index: NearDuplicateIndex, *, n: int, domain: str,
+def generate_test_questions(generator: ChatClient | FreeTextModel, leaves: Sequence[Node], index: NearDuplicateIndex, *, n: int, domain: str,
                             prompt: str, params: GenerationParams, seed: int, max_rounds: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Up to `n` accepted questions (rows of QUESTION_SCHEMA) and the counts of what was rejected.
 
@@ -69,6 +69,7 @@ def generate_test_questions(generator: ChatModel, leaves: Sequence[Node], index:
     """
     if not leaves:
         raise ValueError("the concept tree has no leaves to ask test questions about")
+    client = as_client(generator)
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     counts = {"asked": 0, "unparseable": 0, "truncated": 0, "wrong_language": 0, "near_duplicates": 0, "rounds": 0}
@@ -90,7 +91,7 @@ def generate_test_questions(generator: ChatModel, leaves: Sequence[Node], index:
             conversations = [[{"role": "user", "content": prompt.format(leaf=leaf.concept, path=" > ".join(leaf.path), domain=domain)}]
                              for leaf in group]
             call_params = dataclasses.replace(params, seed=params.seed + 1000 * round_ + j)
-            replies = complete(generator, conversations, call_params)
+            replies = client.complete(conversations, call_params)
             counts["asked"] += len(group)
             for leaf, conversation, reply in zip(group, conversations, replies):
                 question = parse_question(reply.text)

@@ -7,48 +7,22 @@ pipeline keeps the directory only while the stage's fingerprint is unchanged).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
-from unifit.evaluation.answers import AnswerFn, answer_params, collect_answers, compared_models
+from unifit.evaluation.answers import answer_params, collect_answers, compared_models
 from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
 from unifit.generation.dedup import first_question
 from unifit.generation.tree import Node, Tree
-from unifit.llm.base import ChatModel, Completion, Conversation, GenerationParams
+from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
+from unifit.llm.client import served_name
 from unifit.records import read_parquet, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
-
-
-class RayChatModel:
-    """A ChatModel served through `generate_with_ray`: any backend, the actor pool and the completion cache.
-
-    The judge asks thousands of prompts (3 orderings per question), so it goes through the same
-    batched path as bulk generation rather than a single in-process model.
-    """
-
-    def __init__(self, cfg: UnifitConfig, model_cfg: ModelConfig, backend: BackendConfig) -> None:
-        self.cfg = dataclasses.replace(cfg, backend=backend)
-        self.model_cfg = model_cfg
-        self.name = served_model(model_cfg, backend)
-
-    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        from unifit.llm.ray_generate import generate_with_ray
-
-        return generate_with_ray(self.cfg, conversations, params, model_cfg=self.model_cfg, desc=f"judge {self.name}")
-
-    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
-        return [c.text for c in self.complete(conversations, params)]
-
-
-def served_model(model_cfg: ModelConfig, backend: BackendConfig) -> str:
-    """The name of the model that actually answers: an OpenAI-compatible endpoint serves `backend.api_model`."""
-    return backend.api_model if backend.name == "openai" and backend.api_model else model_cfg.name
 
 
 def judge_setup(cfg: UnifitConfig) -> tuple[ModelConfig, BackendConfig, Optional[str]]:
@@ -60,7 +34,7 @@ def judge_setup(cfg: UnifitConfig) -> tuple[ModelConfig, BackendConfig, Optional
     model = cfg.judge or cfg.model
     backend = cfg.judge_backend or cfg.backend
     caveat = None
-    if model == cfg.model and served_model(model, backend) in (model.name, model.path):
+    if model == cfg.model and served_name(model, backend) in (model.name, model.path):
         caveat = f"the judge is the judged base model itself ({model.name}); its verdicts are only a smoke test"
     elif backend.name == "hf" and model.source in ("embedded", "random"):
         caveat = f"the judge is a small local model ({model.name}, {model.source}); its verdicts are only a smoke test"
@@ -77,18 +51,6 @@ def answer_backend(cfg: UnifitConfig) -> BackendConfig:
     return cfg.backend
 
 
-def default_answer_fn(cfg: UnifitConfig) -> AnswerFn:
-    """Answers through `generate_with_ray` with `answer_backend` (the same settings for every model)."""
-    answer_cfg = dataclasses.replace(cfg, backend=answer_backend(cfg))
-
-    def answer(model_cfg: ModelConfig, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        from unifit.llm.ray_generate import generate_with_ray
-
-        return generate_with_ray(answer_cfg, conversations, params, model_cfg=model_cfg, desc=f"answers {model_cfg.name}")
-
-    return answer
-
-
 def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node]:
     """Leaves of generate/tree.json; for imported data (no tree) the instances' distinct concept paths."""
     tree_path = ctx.stage_dir("generate") / "tree.json"
@@ -101,7 +63,7 @@ def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node
     return [Node(path[-1], list(path), None) for path in sorted(paths)]
 
 
-def _test_questions(ctx: StageContext, judge: ChatModel, instances: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _test_questions(ctx: StageContext, judge: ChatClient, instances: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     cfg = ctx.cfg
     path = ctx.out_dir / "test_questions.parquet"
     if path.exists():
@@ -124,23 +86,30 @@ def _test_questions(ctx: StageContext, judge: ChatModel, instances: list[dict[st
     return rows, counts
 
 
-def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optional[AnswerFn] = None) -> dict[str, Any]:
-    """Evaluate every compared model; `judge`/`answer_fn` replace the configured backends (tests, notebooks)."""
+def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
+        answerers: Optional[Mapping[str, ChatClient | FreeTextModel]] = None) -> dict[str, Any]:
+    """Evaluate every compared model. `judge` and `answerers` (compared-model name -> model) replace the configured
+    clients (tests, notebooks); models not given are connected from the config, one client per model, its weights
+    loaded once per actor for all of its calls (a judge that is also a compared model shares that model's actors)."""
     cfg = ctx.cfg
     out = ctx.out_dir
     judge_model, judge_backend, caveat = judge_setup(cfg)
-    judge = judge or RayChatModel(cfg, judge_model, judge_backend)
+    judge_client = as_client(judge) if judge is not None else ctx.connect(judge_model, judge_backend, f"judge {served_name(judge_model, judge_backend)}")
     instances_dir = ctx.stage_dir("generate") / "instances"
     if not instances_dir.exists():
         raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
     instances = read_parquet(instances_dir)
 
-    questions, question_counts = _test_questions(ctx, judge, instances)
+    questions, question_counts = _test_questions(ctx, judge_client, instances)
     metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
     ctx.log_metrics(metrics)
 
     models, missing = compared_models(cfg, ctx.run_dir)
-    answers = collect_answers(questions, models, answer_fn or default_answer_fn(cfg), answer_params(cfg), out / "answers.parquet")
+    given = dict(answerers or {})
+    backend = answer_backend(cfg)
+    clients = {name: given[name] if name in given else ctx.connect(model, backend, f"answers {model.name}")
+               for name, model in models.items()}
+    answers = collect_answers(questions, clients, answer_params(cfg), out / "answers.parquet")
     metrics.update(compared_models=len(models), missing_models=len(missing))
 
     judge_path = out / "judge.json"
@@ -152,7 +121,7 @@ def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optiona
     else:
         params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
                                   repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
-        result = win_rates([q["question"] for q in questions], answers, judge, seed=cfg.seed,
+        result = win_rates([q["question"] for q in questions], answers, judge_client, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, bootstrap_samples=cfg.evaluate.bootstrap_samples,
                            params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
                            question_ids=[q["question_id"] for q in questions])
@@ -174,7 +143,7 @@ def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optiona
             sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
         params = GenerationParams(max_new_tokens=cfg.evaluate.diversity_max_new_tokens, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
                                   seed=cfg.seed, json_mode=judge_backend.name != "hf")
-        scored = diversity(judge, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
+        scored = diversity(judge_client, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
                            sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, params=params, prompt=cfg.evaluate.diversity_prompt,
                            retry_prompt=cfg.evaluate.diversity_retry_prompt)

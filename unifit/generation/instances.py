@@ -13,9 +13,9 @@ from collections import Counter
 from typing import Callable, Optional, Sequence, TypeVar
 
 from unifit.config import GenerateConfig
-from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, drop_last, foreign_script, is_refusal, parse_list, parse_qa
+from unifit.generation.parsing import ask_parsed, clean_item, drop_last, foreign_script, is_refusal, parse_list, parse_qa
 from unifit.generation.tree import Node
-from unifit.llm.base import Conversation, GenerationParams
+from unifit.llm.base import ChatClient, Conversation, GenerationParams
 from unifit.records import Instance
 
 T = TypeVar("T")
@@ -59,12 +59,12 @@ def with_answer_system_prompt(gen: GenerateConfig, conversation: Conversation) -
     return ([{"role": "system", "content": gen.answer_system_prompt}] if gen.answer_system_prompt else []) + list(conversation)
 
 
-def _answer(conversations: list[Conversation], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+def _answer(conversations: list[Conversation], gen: GenerateConfig, model: ChatClient, params: GenerationParams,
             counts: Counter[str], prefix: str) -> list[Optional[str]]:
     """Answers from the model asked directly (two-step mode); a cut-off answer is counted and dropped."""
     if not conversations:
         return []
-    completions = generate_fn([with_answer_system_prompt(gen, c) for c in conversations], params)
+    completions = model.complete([with_answer_system_prompt(gen, c) for c in conversations], params)
     counts[f"{prefix}answer_calls"] += len(completions)
     answers: list[Optional[str]] = []
     for completion in completions:
@@ -77,10 +77,10 @@ def _answer(conversations: list[Conversation], gen: GenerateConfig, generate_fn:
 
 
 def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Callable[[str], Optional[list[T]]],
-                gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, counts: Counter[str],
+                gen: GenerateConfig, model: ChatClient, params: GenerationParams, counts: Counter[str],
                 truncated_key: str) -> list[tuple[Node, T]]:
     """One reply per leaf, parsed into items; a cut-off reply loses its last item (where the cut happened), at most q kept."""
-    asked = ask_parsed(generate_fn, prompts, params, parse, gen.max_retries, cut=drop_last)
+    asked = ask_parsed(model, prompts, params, parse, gen.max_retries, cut=drop_last)
     counts["leaf_calls"] += sum(a.attempts for a in asked)
     counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
     kept: list[tuple[Node, T]] = []
@@ -98,26 +98,26 @@ def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Call
     return kept
 
 
-def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, model: ChatClient, params: GenerationParams,
                  counts: Counter[str]) -> list[tuple[Node, str, str]]:
     """The paper's prompt: q questions with answers in one reply per leaf."""
     prompts = [leaf_conversation(gen, leaf) for leaf in leaves]
-    items = _leaf_items(leaves, prompts, parse_qa, gen, generate_fn, params, counts, "truncated")
+    items = _leaf_items(leaves, prompts, parse_qa, gen, model, params, counts, "truncated")
     return [(leaf, question, answer) for leaf, (question, answer) in items]
 
 
-def _two_step_pairs(leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams,
+def _two_step_pairs(leaves: Sequence[Node], gen: GenerateConfig, model: ChatClient, params: GenerationParams,
                     counts: Counter[str]) -> list[tuple[Node, str, str]]:
     """Small generators: q questions as a list per leaf, then each question asked directly for its answer."""
     prompts = [[{"role": "user", "content": gen.leaf_questions_prompt.format(
         q=gen.questions_per_leaf, leaf=leaf.concept, path=" > ".join(leaf.path), domain=leaf.path[0])}] for leaf in leaves]
-    questions = _leaf_items(leaves, prompts, lambda text: parse_list(text, clean=clean_item), gen, generate_fn, params, counts,
+    questions = _leaf_items(leaves, prompts, lambda text: parse_list(text, clean=clean_item), gen, model, params, counts,
                             "truncated_question_lists")
-    answers = _answer([[{"role": "user", "content": q}] for _, q in questions], gen, generate_fn, params, counts, "")
+    answers = _answer([[{"role": "user", "content": q}] for _, q in questions], gen, model, params, counts, "")
     return [(leaf, q, a) for (leaf, q), a in zip(questions, answers) if a is not None]
 
 
-def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConfig, generate_fn: GenerateFn,
+def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConfig, model: ChatClient,
                params: GenerationParams, counts: Counter[str]) -> None:
     """Extend conversations by `gen.turns - 1` follow-up turns in place; a failed follow-up ends that conversation."""
     active = list(range(len(conversations)))
@@ -127,9 +127,9 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
         last_questions = [conversations[i][1][-2]["content"] for i in active]
         if gen.leaf_mode == "two_step":
             prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
-            asked = ask_parsed(generate_fn, prompts, params, parse_question, gen.max_retries)
+            asked = ask_parsed(model, prompts, params, parse_question, gen.max_retries)
         else:
-            asked = ask_parsed(generate_fn, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries,
+            asked = ask_parsed(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries,
                                cut=drop_last)
         counts["followup_calls"] += sum(a.attempts for a in asked)
         counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
@@ -144,7 +144,7 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
                 candidates.append((index, question, answer))
         if gen.leaf_mode == "two_step":  # answer each follow-up with the whole conversation so far as context
             contexts = [conversations[i][1] + [{"role": "user", "content": q}] for i, q, _ in candidates]
-            answers = _answer(contexts, gen, generate_fn, params, counts, "followup_")
+            answers = _answer(contexts, gen, model, params, counts, "followup_")
             candidates = [(i, q, a) for (i, q, _), a in zip(candidates, answers) if a is not None]
         still: list[int] = []
         for index, question, answer in candidates:
@@ -159,7 +159,7 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
 
 
 def generate_leaf_instances(
-    leaves: Sequence[Node], gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, generator: str
+    leaves: Sequence[Node], gen: GenerateConfig, model: ChatClient, params: GenerationParams, generator: str
 ) -> tuple[list[Instance], Counter[str]]:
     """Instances for a chunk of leaves: q single-turn pairs per leaf, then `gen.turns - 1` follow-up turns each.
 
@@ -170,14 +170,14 @@ def generate_leaf_instances(
     counts: Counter[str] = Counter()
     pair_source = _two_step_pairs if gen.leaf_mode == "two_step" else _joint_pairs
     conversations: list[tuple[Node, Conversation]] = []
-    for leaf, question, answer in pair_source(leaves, gen, generate_fn, params, counts):
+    for leaf, question, answer in pair_source(leaves, gen, model, params, counts):
         reason = reject_reason(question, answer, gen)
         if reason:
             counts[reason] += 1
         else:
             conversations.append((leaf, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]))
     counts["pairs_kept"] += len(conversations)
-    _followups(conversations, gen, generate_fn, params, counts)
+    _followups(conversations, gen, model, params, counts)
     instances = [Instance(messages=messages, leaf_id=leaf.id, concept_path=list(leaf.path), source="concept_tree", generator=generator)
                  for leaf, messages in conversations]
     counts["instances"] += len(instances)

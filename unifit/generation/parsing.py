@@ -14,9 +14,8 @@ import unicodedata
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
-from unifit.llm.base import Completion, Conversation, GenerationParams
+from unifit.llm.base import ChatClient, Completion, Conversation, GenerationParams
 
-GenerateFn = Callable[[list[Conversation], GenerationParams], list[Completion]]
 T = TypeVar("T")
 
 _NUMBERED = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|\(?[a-zA-Z][.)])\s+")
@@ -252,7 +251,7 @@ def _parse_reply(completion: Completion, conversation: Conversation, parse: Call
 
 
 def ask_parsed(
-    generate_fn: GenerateFn,
+    model: ChatClient,
     conversations: Sequence[Conversation],
     params: GenerationParams,
     parse: Callable[[str], Optional[T]],
@@ -273,9 +272,9 @@ def ask_parsed(
         if not pending:
             break
         attempt_params = dataclasses.replace(params, seed=params.seed + attempt)
-        completions = generate_fn([list(conversations[i]) for i in pending], attempt_params)
+        completions = model.complete([list(conversations[i]) for i in pending], attempt_params)
         if len(completions) != len(pending):
-            raise RuntimeError(f"generate_fn returned {len(completions)} completions for {len(pending)} conversations")
+            raise RuntimeError(f"{model.name} returned {len(completions)} completions for {len(pending)} conversations")
         still: list[int] = []
         for index, completion in zip(pending, completions):
             value, cut_items = _parse_reply(completion, conversations[index], parse, cut)

@@ -20,9 +20,9 @@ from typing import Optional
 from unifit.config import GenerateConfig
 from unifit.generation.dedup import NearDuplicateIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
-from unifit.generation.parsing import GenerateFn, ask_parsed, clean_item, drop_last, parse_list
+from unifit.generation.parsing import ask_parsed, clean_item, drop_last, parse_list
 from unifit.generation.tree import node_id
-from unifit.llm.base import GenerationParams
+from unifit.llm.base import ChatClient, GenerationParams
 from unifit.records import Instance
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[
 
 
 def run_self_instruct(
-    domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, target: int, generator: str, seed: int = 0
+    domain: str, gen: GenerateConfig, model: ChatClient, params: GenerationParams, target: int, generator: str, seed: int = 0
 ) -> tuple[list[Instance], Counter[str]]:
     """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones)."""
     rng = random.Random(seed)
@@ -112,14 +112,14 @@ def run_self_instruct(
         counts["rounds"] += 1
         round_params = dataclasses.replace(params, seed=params.seed + round_index * (gen.max_retries + 1))
         if len(unanswered) < needed:
-            new = _new_instructions(gen, domain, seeds, machine, novelty, rng, generate_fn, round_params, needed - len(unanswered), counts)
+            new = _new_instructions(gen, domain, seeds, machine, novelty, rng, model, round_params, needed - len(unanswered), counts)
             machine.extend(new)
             unanswered.extend(new)
             stalled = 0 if new else stalled + 1
         batch, unanswered = unanswered[:needed], unanswered[needed:]  # answer only what the target still needs
         if not batch:
             continue
-        answers = generate_fn([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in batch], round_params)
+        answers = model.complete([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in batch], round_params)
         counts["answer_calls"] += len(batch)
         for task, completion in zip(batch, answers):
             if completion.finish_reason == "length":
@@ -140,7 +140,7 @@ def run_self_instruct(
 
 
 def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machine: list[str], novelty: NoveltyFilter,
-                      rng: random.Random, generate_fn: GenerateFn, params: GenerationParams, wanted: int,
+                      rng: random.Random, model: ChatClient, params: GenerationParams, wanted: int,
                       counts: Counter[str]) -> list[str]:
     """One round of instruction bootstrapping: enough prompts for `wanted` new tasks, filtered and novel."""
     n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil(wanted / gen.self_instruct_new_per_prompt))
@@ -150,7 +150,7 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
         examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
         rng.shuffle(examples)
         prompts.append(_prompt(gen, domain, examples))
-    asked = ask_parsed(generate_fn, prompts, params, lambda text: parse_list(text, clean_item), gen.max_retries, cut=drop_last)
+    asked = ask_parsed(model, prompts, params, lambda text: parse_list(text, clean_item), gen.max_retries, cut=drop_last)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
     new: list[str] = []
     for result in asked:

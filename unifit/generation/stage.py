@@ -21,10 +21,9 @@ from typing import Any, Optional
 from unifit.config import UnifitConfig
 from unifit.generation.dedup import NearDuplicateIndex, first_question
 from unifit.generation.instances import generate_leaf_instances
-from unifit.generation.parsing import GenerateFn
 from unifit.generation.self_instruct import run_self_instruct
 from unifit.generation.tree import Tree, build_tree, draw_tree
-from unifit.llm.base import GenerationParams
+from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.records import read_parquet, write_instances
 from unifit.stage import StageContext, read_json, write_json
 
@@ -38,28 +37,18 @@ def generation_params(cfg: UnifitConfig) -> GenerationParams:
                             repetition_penalty=cfg.backend.repetition_penalty, seed=cfg.seed)
 
 
-def ray_generate_fn(cfg: UnifitConfig) -> GenerateFn:
-    """The production generate_fn: every call is one Ray Data job over the actor pool, through the completion cache."""
-    from unifit.llm.ray_generate import generate_with_ray
-
-    def generate(conversations: list[list[dict[str, str]]], params: GenerationParams):
-        return generate_with_ray(cfg, conversations, params)
-
-    return generate
-
-
-def load_or_build_tree(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateFn, params: GenerationParams) -> Tree:
+def load_or_build_tree(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams) -> Tree:
     """The tree is written once; a resumed run must shard the same leaves, so it never regenerates it."""
     path = out_dir / "tree.json"
     if path.exists():
         return Tree.from_json(read_json(path))
     json_mode = cfg.generate.json_mode and cfg.backend.name in STRUCTURED_OUTPUT_BACKENDS
-    tree = build_tree(cfg.domain, cfg.generate, generate_fn, params, json_mode=json_mode)
+    tree = build_tree(cfg.domain, cfg.generate, generator, params, json_mode=json_mode)
     write_json(path, tree.to_json())
     return tree
 
 
-def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generate_fn: GenerateFn, params: GenerationParams) -> tuple[list[Path], Counter[str]]:
+def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generator: ChatClient, params: GenerationParams) -> tuple[list[Path], Counter[str]]:
     """One shard per chunk of leaves, written as soon as its chunk is done; finished shards are skipped."""
     from tqdm import tqdm
 
@@ -76,7 +65,7 @@ def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generate_f
             counts.update(read_json(meta)["counts"])
             counts["shards_resumed"] += 1
         else:
-            instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generate_fn, params, cfg.generation_model.name)
+            instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generator, params, cfg.generation_model.name)
             write_json(meta, {"leaf_ids": leaf_ids, "counts": dict(chunk_counts)})  # before the parquet that marks the shard done
             write_instances(instances, shard)
             counts.update(chunk_counts)
@@ -105,7 +94,7 @@ def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counte
     return counts
 
 
-def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateFn, params: GenerationParams, tree_count: int) -> dict[str, Any]:
+def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams, tree_count: int) -> dict[str, Any]:
     target = cfg.generate.self_instruct_target or tree_count
     folder = out_dir / "self_instruct"
     marker = folder / "report.json"
@@ -113,7 +102,7 @@ def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generate_fn: GenerateF
         return read_json(marker)
     for stale in folder.glob("*.parquet"):
         stale.unlink()
-    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generate_fn, params, target, cfg.generation_model.name, cfg.seed)
+    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generator, params, target, cfg.generation_model.name, cfg.seed)
     size = cfg.generate.shard_size
     for shard, start in enumerate(range(0, max(len(instances), 1), size)):
         write_instances(instances[start : start + size], folder / f"shard-{shard:05d}.parquet")
@@ -139,19 +128,23 @@ def import_data(ctx: StageContext) -> dict[str, Any]:
             "import_skipped": sum(report["skipped"].values())}
 
 
-def run(ctx: StageContext, generate_fn: Optional[GenerateFn] = None) -> dict[str, Any]:
-    """Build (or resume) the concept-tree data set and the Self-Instruct baseline; returns the headline counts."""
+def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = None) -> dict[str, Any]:
+    """Build (or resume) the concept-tree data set and the Self-Instruct baseline; returns the headline counts.
+
+    `generator` replaces the configured generator (tests, notebooks); by default one client serves every call of
+    the stage (tree levels, leaf shards, retries, Self-Instruct rounds) from models loaded once per actor.
+    """
     cfg = ctx.cfg
     if cfg.data.path:
         return import_data(ctx)
-    generate_fn = generate_fn or ray_generate_fn(cfg)
+    generator = as_client(generator) if generator is not None else ctx.connect(cfg.generation_model, cfg.backend, "generate")
     params = generation_params(cfg)
     out_dir = ctx.out_dir
 
-    tree = load_or_build_tree(cfg, out_dir, generate_fn, params)
+    tree = load_or_build_tree(cfg, out_dir, generator, params)
     if not (out_dir / "tree.png").exists():
         draw_tree(tree, out_dir / "tree.png")
-    raw_shards, leaf_counts = generate_raw_shards(cfg, out_dir, tree, generate_fn, params)
+    raw_shards, leaf_counts = generate_raw_shards(cfg, out_dir, tree, generator, params)
     dedup_counts = dedup_shards(cfg, raw_shards, out_dir / "instances")
     report: dict[str, Any] = {
         "tree": tree.counts,
@@ -161,7 +154,7 @@ def run(ctx: StageContext, generate_fn: Optional[GenerateFn] = None) -> dict[str
         "instances": dedup_counts["kept"],
     }
     if cfg.generate.self_instruct:
-        report["self_instruct"] = build_self_instruct(cfg, out_dir, generate_fn, params, dedup_counts["kept"])
+        report["self_instruct"] = build_self_instruct(cfg, out_dir, generator, params, dedup_counts["kept"])
     write_json(out_dir / "report.json", report)
     log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts["kept"], tree.counts["leaves"],
              dedup_counts["near_duplicates"])

@@ -16,8 +16,8 @@ from typing import Any, Iterator, Optional
 
 from unifit.config import GenerateConfig
 from unifit.fingerprint import fingerprint
-from unifit.generation.parsing import GenerateFn, ask_parsed, concept_key, drop_cut_name, parse_list
-from unifit.llm.base import GenerationParams
+from unifit.generation.parsing import ask_parsed, concept_key, drop_cut_name, parse_list
+from unifit.llm.base import ChatClient, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def subconcept_conversation(gen: GenerateConfig, domain: str, node: Node, json_m
     return [{"role": "user", "content": prompt}]
 
 
-def build_tree(domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params: GenerationParams, json_mode: bool = False) -> Tree:
+def build_tree(domain: str, gen: GenerateConfig, model: ChatClient, params: GenerationParams, json_mode: bool = False) -> Tree:
     """Expand the tree level by level (one batched call per level and retry round) down to `gen.depth`.
 
     `json_mode` asks the backend for structured output and appends `gen.json_hint` to the prompt; replies
@@ -115,7 +115,7 @@ def build_tree(domain: str, gen: GenerateConfig, generate_fn: GenerateFn, params
         if not frontier:
             break
         conversations = [subconcept_conversation(gen, domain, node, json_mode) for node in frontier]
-        asked = ask_parsed(generate_fn, conversations, params, parse_list, gen.max_retries, cut=drop_cut_name)
+        asked = ask_parsed(model, conversations, params, parse_list, gen.max_retries, cut=drop_cut_name)
         counts["expansion_calls"] += sum(a.attempts for a in asked)
         counts["expansion_retries"] += sum(a.attempts - 1 for a in asked)
         next_frontier: list[Node] = []

@@ -1,4 +1,4 @@
-"""The `ChatModel` protocol every backend implements, and the sampling parameters it takes."""
+"""The one call shape every model answers to (`complete`), the sampling parameters it takes, and what comes back."""
 
 from __future__ import annotations
 
@@ -32,19 +32,51 @@ class Completion:
     num_output_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A choice between fixed options: the chosen 0-based index and the normalised probability of every option."""
+
+    index: int
+    probs: tuple[float, ...]
+
+
 @runtime_checkable
-class ChatModel(Protocol):
-    """Anything that answers chat conversations. Backends: hf, vllm, openai; tests use scripted models."""
+class ChatClient(Protocol):
+    """Anything that answers chat conversations: a model client (hf, vllm, openai behind it) or a scripted test model."""
+
+    name: str
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        """One completion per conversation, in input order."""
+        ...
+
+
+@runtime_checkable
+class FreeTextModel(Protocol):
+    """A scripted model that only answers in free text (tests, notebooks): no finish reasons, no token counts."""
 
     name: str
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
-        """One reply per conversation, in input order."""
         ...
 
 
-def complete(model: ChatModel, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-    """Replies with finish reasons where the backend reports them (`complete`), else from `generate`."""
-    if hasattr(model, "complete"):
-        return list(model.complete(conversations, params))
-    return [Completion(text, "unknown") for text in model.generate(conversations, params)]
+class FreeTextClient:
+    """A `FreeTextModel` seen as a `ChatClient`; its replies' finish reason is "unknown"."""
+
+    def __init__(self, model: FreeTextModel) -> None:
+        self.model = model
+        self.name = getattr(model, "name", type(model).__name__)
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        return [Completion(text, "unknown") for text in self.model.generate(list(conversations), params)]
+
+
+def as_client(model: ChatClient | FreeTextModel) -> ChatClient:
+    """The model as a `ChatClient`: clients pass through, free-text scripted models are wrapped once, at the entry point."""
+    if isinstance(model, ChatClient):
+        return model
+    if isinstance(model, FreeTextModel):
+        return FreeTextClient(model)
+    raise TypeError(f"{model!r} is not a model: it needs complete(conversations, params) -> list[Completion] "
+                    f"or generate(conversations, params) -> list[str]")

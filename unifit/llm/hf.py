@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class HFChatModel:
-    """One model in this process. Batches are left-padded so every prompt ends where generation starts."""
+    """One model in this process (a Ray actor behind a model client). Batches are left-padded so every prompt ends where generation starts."""
 
     def __init__(self, model_cfg: ModelConfig, cache_dir: str | Path, batch_size: int = 8, device: str | None = None) -> None:
         import torch
@@ -39,8 +39,6 @@ class HFChatModel:
             results.extend(self._complete_batch(conversations[start : start + self.batch_size], params))
         return results
 
-    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
-        return [completion.text for completion in self.complete(conversations, params)]
 
     def _complete_batch(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         import torch

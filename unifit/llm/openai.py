@@ -86,5 +86,3 @@ class OpenAIChatModel:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda conv: self._post(self._payload(conv, params)), conversations))
 
-    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
-        return [completion.text for completion in self.complete(conversations, params)]

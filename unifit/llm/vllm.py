@@ -1,74 +1,84 @@
-"""vLLM on GPUs through `ray.data.llm` (installed by the `[gpu]` extra; vLLM wheels are CUDA-only).
+"""vLLM on GPUs: one `vllm.LLM` engine per Ray actor, loaded once and serving every call of a stage.
 
-The processor rows are the boundary with vLLM: `to_vllm_row` builds exactly what ray.data.llm's vLLM
-stage consumes (`messages`, `sampling_params` given to `vllm.SamplingParams`), `from_vllm_row` reads what
-it emits (`generated_text`, `num_generated_tokens`, `__inference_error__`).
+Written against vLLM's offline API (installed by the `[gpu]` extra; its wheels are CUDA-only):
+`LLM(model=..., tensor_parallel_size=..., ...)`, `LLM.chat(conversations, SamplingParams)` applying the
+model's own chat template, request outputs with `.outputs[0].text`, `.finish_reason` and `.token_ids`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from unifit.config import BackendConfig
-from unifit.llm.base import Completion, GenerationParams
-
-
-class NoGPUError(RuntimeError):
-    """backend=vllm on a cluster without GPUs: vLLM's stage would wait forever for one."""
+from unifit.config import BackendConfig, ClusterConfig
+from unifit.llm.base import Completion, Conversation, GenerationParams
 
 
-def sampling_params(params: GenerationParams) -> dict[str, Any]:
-    sampling: dict[str, Any] = {
-        "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-        "repetition_penalty": params.repetition_penalty, "seed": params.seed,
-    }
-    if params.json_mode:
-        sampling["guided_decoding"] = {"json_object": True}
-    return sampling
+def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """`vllm.SamplingParams` keyword arguments; a per-request seed keeps replies independent of batching and engines."""
+    return {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "repetition_penalty": params.repetition_penalty, "seed": params.seed}
 
 
-def to_vllm_row(row: dict[str, Any], params: GenerationParams) -> dict[str, Any]:
-    return {"index": row["index"], "messages": row["messages"], "sampling_params": sampling_params(params)}
+def json_constraint(vllm_module: Any) -> dict[str, Any]:
+    """Structured JSON output: `structured_outputs` in recent vLLM, `guided_decoding` in releases before it."""
+    from importlib import import_module
 
-
-def from_vllm_row(row: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
-    """Finish reason is derived from the token count: vLLM stops at max_tokens only when it was cut off."""
-    error = row.get("__inference_error__")
-    generated = int(row.get("num_generated_tokens") or 0)
-    text = "" if error else str(row.get("generated_text") or "")
-    reason = "error" if error else ("length" if generated >= max_new_tokens else "stop")
-    return {"index": row["index"], "text": text, "finish_reason": reason, "num_output_tokens": generated}
+    sampling = import_module(f"{vllm_module.__name__}.sampling_params")
+    if hasattr(sampling, "StructuredOutputsParams"):
+        return {"structured_outputs": sampling.StructuredOutputsParams(json_object=True)}
+    return {"guided_decoding": sampling.GuidedDecodingParams(json_object=True)}
 
 
 def engine_kwargs(backend: BackendConfig, max_model_len: int, trust_remote_code: bool) -> dict[str, Any]:
-    """vLLM engine settings; weights load from safetensors only, like `unifit.models` (no pickle is unpickled)."""
-    return {
+    """vLLM engine settings; weights load from safetensors only, like `unifit.models` (no pickle is unpickled).
+
+    With tensor parallelism the engine's workers are Ray tasks inside the placement group its actor holds.
+    """
+    kwargs: dict[str, Any] = {
         "tensor_parallel_size": backend.tensor_parallel_size, "max_model_len": max_model_len,
         "gpu_memory_utilization": backend.gpu_memory_utilization, "trust_remote_code": trust_remote_code,
         "load_format": "safetensors",
     }
+    if backend.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"
+    return kwargs
 
 
-def build_vllm_processor(model_dir: str, backend: BackendConfig, params: GenerationParams, engines: int,
-                         max_model_len: int, trust_remote_code: bool) -> Any:
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def engine_resources(backend: BackendConfig, cluster: ClusterConfig) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(Ray resources of one engine actor, placement-group bundles it needs: none for one GPU).
 
-    config = vLLMEngineProcessorConfig(
-        model_source=model_dir, batch_size=backend.batch_size, concurrency=engines,
-        engine_kwargs=engine_kwargs(backend, max_model_len, trust_remote_code),
-    )
-    return build_processor(
-        config,
-        preprocess=lambda row: to_vllm_row(row, params),
-        postprocess=lambda row: from_vllm_row(row, params.max_new_tokens),
-    )
+    One GPU: the actor holds it. Tensor parallel T: a placement group of T one-GPU bundles packed on one node,
+    the actor in its first bundle asking for no GPU itself, so vLLM's Ray executor places its T workers there.
+    """
+    tp = backend.tensor_parallel_size
+    if tp == 1:
+        return {"num_cpus": cluster.cpus_per_actor, "num_gpus": 1}, []
+    return {"num_cpus": 0, "num_gpus": 0}, [{"GPU": 1, "CPU": cluster.cpus_per_actor}] * tp
 
 
-def completions_from_rows(rows: list[dict[str, Any]], count: int) -> list[Completion]:
-    ordered: list[Completion | None] = [None] * count
-    for row in rows:
-        ordered[int(row["index"])] = Completion(row["text"], row["finish_reason"], int(row["num_output_tokens"]))
-    missing = [i for i, c in enumerate(ordered) if c is None]
-    if missing:
-        raise RuntimeError(f"vLLM processor returned no row for {len(missing)} prompt(s), e.g. index {missing[0]}")
-    return [c for c in ordered if c is not None]
+def finish_reason(reason: Any) -> str:
+    """vLLM says "stop" (end of turn or stop string) or "length"; anything else (an aborted request) is an error, never cached."""
+    return reason if reason in ("stop", "length") else "error"
+
+
+class VLLMChatModel:
+    """One vLLM engine in this process (a Ray actor), kept for every call of the stage."""
+
+    def __init__(self, model_dir: str, backend: BackendConfig, max_model_len: int, trust_remote_code: bool, name: str) -> None:
+        import vllm
+
+        self.name = name
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=model_dir, **engine_kwargs(backend, max_model_len, trust_remote_code))
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        extra = json_constraint(self._vllm) if params.json_mode else {}
+        sampling = self._vllm.SamplingParams(**sampling_kwargs(params), **extra)
+        outputs = self.llm.chat([list(c) for c in conversations], sampling, use_tqdm=False)
+        if len(outputs) != len(conversations):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(conversations)} conversations")
+        completions = []
+        for output in outputs:
+            best = output.outputs[0]
+            completions.append(Completion(best.text, finish_reason(best.finish_reason), len(best.token_ids)))
+        return completions
