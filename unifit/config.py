@@ -69,6 +69,7 @@ class BackendConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine
     gpu_memory_utilization: float = 0.85  # vllm
     cache: bool = True  # content-addressed completion cache (prompt + params + model + seed)
+    guided_choice: bool = False  # openai: the server is `vllm serve`, which accepts `guided_choice` (OpenAI's API refuses it); a judge's reply is then always one of the options
 
     def __post_init__(self) -> None:
         _check(self.name in ("hf", "vllm", "openai"), "backend.name", f"got {self.name!r}; use hf, vllm or openai")
@@ -283,8 +284,8 @@ class EvaluateConfig:
     judge_prompt: str = (
         "You are a fair judge. Below are a question and {k} answers from different AI assistants. Choose the answer that is "
         "the most helpful, accurate, relevant and detailed. The order of the answers and their length must not influence you."
-        "\n\n[Question]\n{question}\n\n{answers}\n\nExplain your choice in at most two sentences, then give your verdict "
-        "strictly in the form [[i]], where i is the number of the best answer (1 to {k})."
+        "\n\n[Question]\n{question}\n\n{answers}\n\nStart your reply with your verdict strictly in the form [[i]], where i is "
+        "the number of the best answer (1 to {k}); then explain it in at most two sentences."
     )
     judge_retry_prompt: str = "Your reply has no verdict in the required form. Reply with only [[i]], where i is the number of the best answer (1 to {k})."
     diversity_prompt: str = (
@@ -293,6 +294,10 @@ class EvaluateConfig:
         "complexity (difficulty of the tasks), practicality (usefulness in real work), depth (expertise needed), "
         "clarity (how well-posed they are), correlation (relevance to {domain}). Reply with only a JSON object such as "
         '{{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
+    )
+    diversity_choice_prompt: str = (  # judges with probabilities: one dimension per call, the score picked among "1".."10"
+        "Here are {n} instructions sampled from an instruction-tuning dataset for the {domain} domain:\n\n{instructions}\n\n"
+        "Rate this set of instructions from 1 to 10 on {dimension} ({description}). Reply with only the integer score."
     )
     diversity_retry_prompt: str = 'Reply with only the JSON object with the six integer scores from 1 to 10, e.g. {{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
 
@@ -307,7 +312,7 @@ class EvaluateConfig:
             _check(getattr(self, name) >= 1, f"evaluate.{name}", "must be >= 1")
         _check(self.answer_backend is None or self.answer_backend.name != "openai", "evaluate.answer_backend",
                "the compared models are local weights (the fine-tuned ones exist only in this run); use hf or vllm")
-        for name in ("question_prompt", "judge_prompt", "diversity_prompt"):
+        for name in ("question_prompt", "judge_prompt", "diversity_prompt", "diversity_choice_prompt"):
             text = getattr(self, name)
             _check("{" in text, f"evaluate.{name}", "must keep its {placeholders} (see the default in unifit/config.py)")
 

@@ -32,6 +32,14 @@ class Completion:
     num_output_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A model's pick among fixed options: the 0-based index chosen and the normalised probability of every option."""
+
+    index: int
+    probs: tuple[float, ...]
+
+
 @runtime_checkable
 class ChatModel(Protocol):
     """Anything that answers chat conversations. Backends: hf, vllm, openai; tests use scripted models."""

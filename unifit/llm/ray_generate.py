@@ -44,7 +44,8 @@ def build_chat_model(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: 
         from unifit.llm.openai import OpenAIChatModel
 
         return OpenAIChatModel(backend.url, backend.api_model or model_cfg.path or model_cfg.name, backend.api_key_env,
-                               backend.max_retries, backend.timeout_s, concurrency=backend.batch_size)
+                               backend.max_retries, backend.timeout_s, concurrency=backend.batch_size,
+                                guided_choice=backend.guided_choice)
     if backend.name == "vllm":
         raise UserError("backend=vllm serves bulk generation through Ray Data; for an interactive judge use "
                         "backend=openai against `vllm serve`")
