@@ -11,6 +11,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH
@@ -278,6 +279,9 @@ class EvaluateConfig:
     question_max_new_tokens: int = 128  # one test question per call; a longer reply is cut here
     diversity_max_new_tokens: int = 128  # the six-score JSON object takes ~45 tokens
     question_max_rounds: int = 5  # rounds of asking for new test questions (duplicates/unparseable replies are re-asked), then stop short
+    test_sets: list[str] = field(default_factory=list)  # JSONL test sets judged besides the generated domain questions, each on its own: Vicuna (`text`), Koala (`prompt`), MT-Bench (`turns`) or Alpaca (`instruction`) lines
+    ifeval_prompts: int = 541  # Google's IFEval prompts answered by every compared model (the first N of 541; 0 = skip IFEval)
+    ifeval_max_new_tokens: int = 512  # IFEval answers; length instructions (e.g. "at least 300 words") need room
     extra_models: list[ModelConfig] = field(default_factory=list)  # more models to compare besides the base model and cfg.variants
     answer_backend: Optional[BackendConfig] = None  # how the compared models (local weights) answer, e.g. +backend@evaluate.answer_backend=vllm; None = `backend`, or hf when `backend` is openai (an endpoint cannot serve this run's fine-tuned weights)
     question_prompt: str = "Write one new question that a user might ask about {leaf} ({path}) in the domain of {domain}. Reply with the question only, without an answer."
@@ -308,7 +312,10 @@ class EvaluateConfig:
         _check(self.diversity_draws >= 1 and self.diversity_sample_size >= 1, "evaluate.diversity_draws",
                "diversity_draws and diversity_sample_size must be >= 1")
         _check(self.question_max_rounds >= 1, "evaluate.question_max_rounds", "must be >= 1")
-        for name in ("answer_max_new_tokens", "judge_max_new_tokens", "question_max_new_tokens", "diversity_max_new_tokens"):
+        _check(0 <= self.ifeval_prompts <= 541, "evaluate.ifeval_prompts", f"got {self.ifeval_prompts}; IFEval has 541 prompts (0 = skip)")
+        _check(len(set(Path(p).stem for p in self.test_sets)) == len(self.test_sets), "evaluate.test_sets",
+               "two files have the same name; each test set is reported under its file name, so rename one")
+        for name in ("answer_max_new_tokens", "ifeval_max_new_tokens", "judge_max_new_tokens", "question_max_new_tokens", "diversity_max_new_tokens"):
             _check(getattr(self, name) >= 1, f"evaluate.{name}", "must be >= 1")
         _check(self.answer_backend is None or self.answer_backend.name != "openai", "evaluate.answer_backend",
                "the compared models are local weights (the fine-tuned ones exist only in this run); use hf or vllm")

@@ -161,6 +161,8 @@ def test_prompts_ship_with_the_package_unmodified_with_licence_and_source() -> N
     assert "Apache License" in folder.joinpath("LICENSE").read_text()
     assert "google-research" in folder.joinpath("README.md").read_text()
     assert len(load_prompts()) == 541 and [r["key"] for r in load_prompts(3)] == [json.loads(l)["key"] for l in data.decode().splitlines()[:3]]
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ifeval_input_data.jsonl"
+    from test_eval_test_sets import SHARED
+
+    shared = SHARED / "ifeval_input_data.jsonl"
     if shared.exists():
         assert shared.read_bytes() == data

@@ -1,6 +1,7 @@
-"""The evaluate stage: test questions → answers of every compared model → judge win rates → diversity.
+"""The evaluate stage: test questions → answers of every compared model → judge win rates → diversity → IFEval.
 
-Outputs in `<run_dir>/evaluate/`: test_questions.parquet, answers.parquet, judge.json, diversity.json.
+Outputs in `<run_dir>/evaluate/`: test_questions.parquet, answers.parquet, judge.json, diversity.json,
+ifeval_answers.parquet, ifeval.json, and per user test set `test_sets/<name>/{answers.parquet,judge.json}`.
 Each is reused when present, so an interrupted stage resumes after its last finished step (the
 pipeline keeps the directory only while the stage's fingerprint is unchanged).
 """
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
+from unifit.evaluation import ifeval
 from unifit.evaluation.answers import AnswerFn, answer_params, collect_answers, compared_models
 from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
+from unifit.evaluation.test_sets import load_test_set
 from unifit.generation.dedup import first_question
 from unifit.generation.tree import Node, Tree
-from unifit.llm.base import ChatModel, Completion, Conversation, GenerationParams
+from unifit.llm.base import ChatModel, Choice, Completion, Conversation, GenerationParams
 from unifit.records import read_parquet, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
 
@@ -44,6 +48,28 @@ class RayChatModel:
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
         return [c.text for c in self.complete(conversations, params)]
+
+
+class RayChoiceModel(RayChatModel):
+    """A judge that also chooses by probability: local hf weights, or an OpenAI-compatible server with logprobs.
+
+    Choices run on one in-process model in the driver: a judge call is one forward pass per prompt, far
+    cheaper than the generation it replaces, and the stage's JSON files are the unit of resume.
+    """
+
+    _model: Any = None  # loaded on the first choice, then kept for the judge's later calls
+
+    def choose(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[Optional[Choice]]:
+        from unifit.llm.ray_generate import build_chat_model
+
+        if self._model is None:
+            self._model = build_chat_model(self.cfg.backend, self.model_cfg, self.cfg.cache_dir)
+        return list(self._model.choose(conversations, options))
+
+
+def judge_model(cfg: UnifitConfig, model_cfg: ModelConfig, backend: BackendConfig) -> RayChatModel:
+    """The judge client: choosing by probability wherever the backend can (hf, openai), free text otherwise (vllm)."""
+    return RayChoiceModel(cfg, model_cfg, backend) if backend.name in ("hf", "openai") else RayChatModel(cfg, model_cfg, backend)
 
 
 def served_model(model_cfg: ModelConfig, backend: BackendConfig) -> str:
@@ -124,32 +150,15 @@ def _test_questions(ctx: StageContext, judge: ChatModel, instances: list[dict[st
     return rows, counts
 
 
-def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optional[AnswerFn] = None) -> dict[str, Any]:
-    """Evaluate every compared model; `judge`/`answer_fn` replace the configured backends (tests, notebooks)."""
-    cfg = ctx.cfg
-    out = ctx.out_dir
-    judge_model, judge_backend, caveat = judge_setup(cfg)
-    judge = judge or RayChatModel(cfg, judge_model, judge_backend)
-    instances_dir = ctx.stage_dir("generate") / "instances"
-    if not instances_dir.exists():
-        raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
-    instances = read_parquet(instances_dir)
-
-    questions, question_counts = _test_questions(ctx, judge, instances)
-    metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
-    ctx.log_metrics(metrics)
-
-    models, missing = compared_models(cfg, ctx.run_dir)
-    answers = collect_answers(questions, models, answer_fn or default_answer_fn(cfg), answer_params(cfg), out / "answers.parquet")
-    metrics.update(compared_models=len(models), missing_models=len(missing))
-
-    judge_path = out / "judge.json"
-    if judge_path.exists():
-        judged = read_json(judge_path)
-    elif len(models) < 2:
-        judged = {"skipped": f"only {list(models)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
-        write_json(judge_path, judged)
+def _judge(cfg: UnifitConfig, path: Path, questions: list[dict[str, Any]], answers: dict[str, list[str]], judge: ChatModel,
+           missing: list[str], caveat: Optional[str]) -> dict[str, Any]:
+    """judge.json for one question set: win rates, or why they were skipped; reused when present."""
+    if path.exists():
+        return read_json(path)
+    if len(answers) < 2:
+        judged = {"skipped": f"only {list(answers)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
     else:
+        _, judge_backend, _ = judge_setup(cfg)
         params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
                                   repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
         result = win_rates([q["question"] for q in questions], answers, judge, seed=cfg.seed,
@@ -157,12 +166,66 @@ def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optiona
                            params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
                            question_ids=[q["question_id"] for q in questions])
         judged = {**result.to_dict(), "missing_models": missing, "smoke_test_caveat": caveat}
-        write_json(judge_path, judged)
-    if "win_rate" in judged:
-        metrics.update({f"win_rate/{m}": r for m, r in judged["win_rate"].items()})
-        metrics.update(no_majority_rate=judged["no_majority_rate"], flip_rate=judged["flip_rate"],
-                       judge_parse_failures=judged["parse_failures"])
+    write_json(path, judged)
+    return judged
+
+
+def _win_metrics(prefix: str, judged: dict[str, Any]) -> dict[str, Any]:
+    if "win_rate" not in judged:
+        return {}
+    metrics: dict[str, Any] = {f"{prefix}win_rate/{m}": r for m, r in judged["win_rate"].items()}
+    metrics.update({f"{prefix}lc_win_rate/{m}": r for m, r in judged.get("length_controlled_win_rate", {}).items()})
+    metrics.update({f"{prefix}no_majority_rate": judged["no_majority_rate"], f"{prefix}flip_rate": judged["flip_rate"],
+                    f"{prefix}judge_parse_failures": judged["parse_failures"]})
+    if judged.get("decisiveness") is not None:
+        metrics[f"{prefix}judge_decisiveness"] = judged["decisiveness"]
+    return metrics
+
+
+def _ifeval(cfg: UnifitConfig, out: Path, models: dict[str, ModelConfig], answer_fn: AnswerFn) -> dict[str, Any]:
+    """ifeval.json: Google's four accuracies per compared model on the first `evaluate.ifeval_prompts` prompts."""
+    path = out / "ifeval.json"
+    if path.exists():
+        return read_json(path)
+    rows = ifeval.load_prompts(cfg.evaluate.ifeval_prompts)
+    prompts = [{"question_id": str(row["key"]), "question": row["prompt"]} for row in rows]
+    params = dataclasses.replace(answer_params(cfg), max_new_tokens=cfg.evaluate.ifeval_max_new_tokens)
+    answers = collect_answers(prompts, models, answer_fn, params, out / "ifeval_answers.parquet")
+    result = {"n_prompts": len(rows), "max_new_tokens": params.max_new_tokens,
+              "models": {name: ifeval.score(rows, texts) for name, texts in answers.items()}}
+    write_json(path, result)
+    return result
+
+
+def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optional[AnswerFn] = None) -> dict[str, Any]:
+    """Evaluate every compared model; `judge`/`answer_fn` replace the configured backends (tests, notebooks)."""
+    cfg = ctx.cfg
+    out = ctx.out_dir
+    judge_cfg, judge_backend, caveat = judge_setup(cfg)
+    judge = judge or judge_model(cfg, judge_cfg, judge_backend)
+    answer_fn = answer_fn or default_answer_fn(cfg)
+    instances_dir = ctx.stage_dir("generate") / "instances"
+    if not instances_dir.exists():
+        raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
+    instances = read_parquet(instances_dir)
+    test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
+
+    questions, question_counts = _test_questions(ctx, judge, instances)
+    metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
     ctx.log_metrics(metrics)
+
+    models, missing = compared_models(cfg, ctx.run_dir)
+    answers = collect_answers(questions, models, answer_fn, answer_params(cfg), out / "answers.parquet")
+    metrics.update(compared_models=len(models), missing_models=len(missing))
+    metrics.update(_win_metrics("", _judge(cfg, out / "judge.json", questions, answers, judge, missing, caveat)))
+    ctx.log_metrics(metrics)
+
+    for name, rows in test_sets:
+        folder = out / "test_sets" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        set_answers = collect_answers(rows, models, answer_fn, answer_params(cfg), folder / "answers.parquet")
+        metrics.update(_win_metrics(f"{name}/", _judge(cfg, folder / "judge.json", rows, set_answers, judge, missing, caveat)))
+        ctx.log_metrics(metrics)
 
     diversity_path = out / "diversity.json"
     if diversity_path.exists():
@@ -177,11 +240,16 @@ def run(ctx: StageContext, judge: Optional[ChatModel] = None, answer_fn: Optiona
         scored = diversity(judge, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
                            sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, params=params, prompt=cfg.evaluate.diversity_prompt,
-                           retry_prompt=cfg.evaluate.diversity_retry_prompt)
+                           retry_prompt=cfg.evaluate.diversity_retry_prompt, choice_prompt=cfg.evaluate.diversity_choice_prompt)
         scored["smoke_test_caveat"] = caveat
         write_json(diversity_path, scored)
     for name, entry in scored["sources"].items():
         metrics[f"diversity_failures/{name}"] = entry["failures"]
         if "mean" in entry:
             metrics[f"diversity/{name}"] = sum(entry["mean"][d] for d in DIMENSIONS) / len(DIMENSIONS)
+    ctx.log_metrics(metrics)
+
+    if cfg.evaluate.ifeval_prompts:
+        for name, result in _ifeval(cfg, out, models, answer_fn)["models"].items():
+            metrics.update({f"ifeval/{name}/{level}": result[level] for level in ifeval.LEVELS if result[level] is not None})
     return metrics
