@@ -3,6 +3,7 @@ against an independent unbatched computation, and the logprob formats of OpenAI-
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -123,3 +124,63 @@ def test_text_fallback_takes_the_one_option_named(text: str, index: int | None) 
     assert (choice.index if choice else None) == index
     if choice:
         assert sum(choice.probs) == 1.0 and choice.probs[index] == 1.0
+
+
+class _Endpoint:
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 that returns `logprobs.content` in OpenAI's shape
+    (or refuses `logprobs` with HTTP 400, like an API without them); every request body is recorded."""
+
+    def __init__(self, refuse_logprobs: bool) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(body)
+                if refuse_logprobs and body.get("logprobs"):
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                tops = {"1": math.log(0.25), "2": math.log(0.7), "x": math.log(0.05)}
+                content = [{"token": "[[", "logprob": -0.01, "top_logprobs": [{"token": "[[", "logprob": -0.01}]},
+                           {"token": "2", "logprob": tops["2"], "top_logprobs": [{"token": t, "logprob": v} for t, v in tops.items()]},
+                           {"token": "]]", "logprob": 0.0, "top_logprobs": [{"token": "]]", "logprob": 0.0}]}]
+                choice = {"message": {"role": "assistant", "content": "[[2]] It is more complete."}, "finish_reason": "stop"}
+                if body.get("logprobs"):
+                    choice["logprobs"] = {"content": content}
+                payload = json.dumps({"choices": [choice], "usage": {"completion_tokens": 3}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_openai_choose_over_http(refuse: bool) -> None:
+    from unifit.llm.openai import OpenAIChatModel
+
+    endpoint = _Endpoint(refuse_logprobs=refuse)
+    try:
+        model = OpenAIChatModel(endpoint.url, "judge", max_retries=0, concurrency=1, guided_choice=True)
+        choices = model.choose([[{"role": "user", "content": "pick"}]] * 2, ["[[1]]", "[[2]]"])
+    finally:
+        endpoint.server.shutdown()
+    if refuse:  # refused once, then plain text for the rest: one-hot on the option the reply names
+        assert [c.probs for c in choices] == [(0.0, 1.0)] * 2
+        assert [bool(r.get("logprobs")) for r in endpoint.requests] == [True, False, False]
+    else:
+        assert all(c.index == 1 and c.probs == pytest.approx((0.25 / 0.95, 0.7 / 0.95)) for c in choices)
+        assert all(r["logprobs"] and r["top_logprobs"] == 20 and r["temperature"] == 0.0 for r in endpoint.requests)
+    assert all(r["guided_choice"] == ["[[1]]", "[[2]]"] for r in endpoint.requests)

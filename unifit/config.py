@@ -70,7 +70,8 @@ class BackendConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine
     gpu_memory_utilization: float = 0.85  # vllm
     cache: bool = True  # content-addressed completion cache (prompt + params + model + seed)
-    guided_choice: bool = False  # openai: the server is `vllm serve`, which accepts `guided_choice` (OpenAI's API refuses it); a judge's reply is then always one of the options
+    logprobs: bool = False  # openai: the endpoint returns `top_logprobs` (OpenAI's chat API, `vllm serve`): a judge then chooses its verdicts and scores by probability instead of free text
+    guided_choice: bool = False  # openai: the server is `vllm serve`, which accepts `guided_choice` (OpenAI's API refuses it): a judge's reply is always one of the options
 
     def __post_init__(self) -> None:
         _check(self.name in ("hf", "vllm", "openai"), "backend.name", f"got {self.name!r}; use hf, vllm or openai")

@@ -68,8 +68,10 @@ class RayChoiceModel(RayChatModel):
 
 
 def judge_model(cfg: UnifitConfig, model_cfg: ModelConfig, backend: BackendConfig) -> RayChatModel:
-    """The judge client: choosing by probability wherever the backend can (hf, openai), free text otherwise (vllm)."""
-    return RayChoiceModel(cfg, model_cfg, backend) if backend.name in ("hf", "openai") else RayChatModel(cfg, model_cfg, backend)
+    """The judge client: choosing by probability where the backend offers probabilities (local hf weights; an endpoint
+    with `backend.logprobs` or `backend.guided_choice`), free text with re-asks otherwise (other endpoints, vllm)."""
+    offers = backend.name == "hf" or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
+    return RayChoiceModel(cfg, model_cfg, backend) if offers else RayChatModel(cfg, model_cfg, backend)
 
 
 def served_model(model_cfg: ModelConfig, backend: BackendConfig) -> str:
