@@ -94,16 +94,14 @@ def choice_from_token_logprobs(content: Sequence[Mapping[str, Any]], options: Se
     text = ""
     for entry in content:
         token = str(entry.get("token", ""))
-        if text.rstrip().endswith(common) or (common and text.endswith(common)):
-            prefix = common if common else ""
-            if _token_option(prefix, token, options) is not None:
-                mass = [0.0] * len(options)
-                tops = entry.get("top_logprobs") or [{"token": token, "logprob": entry.get("logprob", 0.0)}]
-                for top in tops:
-                    index = _token_option(prefix, str(top.get("token", "")), options)
-                    if index is not None:
-                        mass[index] += math.exp(float(top["logprob"]))
-                return choice_from_logprobs([math.log(m) if m > 0 else -math.inf for m in mass])
+        if text.rstrip().endswith(common) and _token_option(common, token, options) is not None:
+            mass = [0.0] * len(options)
+            tops = entry.get("top_logprobs") or [{"token": token, "logprob": entry.get("logprob", 0.0)}]
+            for top in tops:
+                index = _token_option(common, str(top.get("token", "")), options)
+                if index is not None:
+                    mass[index] += math.exp(float(top["logprob"]))
+            return choice_from_logprobs([math.log(m) if m > 0 else -math.inf for m in mass])
         text += token
     return None
 
