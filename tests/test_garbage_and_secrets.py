@@ -72,6 +72,7 @@ def garbage_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GarbageRun
                "RAY_AUTH_MODE": "disabled"}
         command = [sys.executable, "-m", "unifit.launch", "+experiment=smoke", "model=tiny_random", "backend=openai",
                    f"backend.url={server.url}", "backend.api_model=garbage-llm", f"backend.api_key_env={KEY_ENV}",
+                   "backend.logprobs=false",  # the server emulates an API without logprobs: the judge's free-text path
                    "generate.n_subconcepts=3", "generate.questions_per_leaf=4", "generate.turns=2",
                    "generate.self_instruct=true", "generate.self_instruct_target=2", "generate.self_instruct_max_rounds=2",
                    "generate.self_instruct_prompts_per_round=1",
@@ -212,7 +213,7 @@ def test_evaluation_counts_match_what_the_server_sent_and_are_reported(garbage_r
     assert [metrics[f"diversity_failures/{name}"] for name in scored["sources"]] == failures
 
     html = (garbage_run.run_dir / "report" / "report.html").read_text()
-    assert f"unparseable verdicts {judged['parse_failures']} (after {judged['retries']} retries)" in html
+    assert f"free-text verdicts; unparseable: {judged['parse_failures']} (after {judged['retries']} re-asks)" in html
     assert "failed draws" in html
     generated = json.loads((garbage_run.run_dir / "generate" / "report.json").read_text())
     for section in ("tree", "leaf_generation", "self_instruct"):  # every generation counter is in the report

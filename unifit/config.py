@@ -11,6 +11,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH
@@ -69,6 +70,8 @@ class BackendConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine
     gpu_memory_utilization: float = 0.85  # vllm
     cache: bool = True  # content-addressed completion cache (prompt + params + model + seed)
+    logprobs: bool = False  # openai: the endpoint returns `top_logprobs` (OpenAI's chat API, `vllm serve`): a judge then chooses its verdicts and scores by probability instead of free text
+    guided_choice: bool = False  # openai: the server is `vllm serve`, which accepts `guided_choice` (OpenAI's API refuses it): a judge's reply is always one of the options
 
     def __post_init__(self) -> None:
         _check(self.name in ("hf", "vllm", "openai"), "backend.name", f"got {self.name!r}; use hf, vllm or openai")
@@ -275,14 +278,17 @@ class EvaluateConfig:
     question_max_new_tokens: int = 128  # one test question per call; a longer reply is cut here
     diversity_max_new_tokens: int = 128  # the six-score JSON object takes ~45 tokens
     question_max_rounds: int = 5  # rounds of asking for new test questions (duplicates/unparseable replies are re-asked), then stop short
+    test_sets: list[str] = field(default_factory=list)  # JSONL test sets judged besides the generated domain questions, each on its own: Vicuna (`text`), Koala (`prompt`), MT-Bench (`turns`) or Alpaca (`instruction`) lines
+    ifeval_prompts: int = 541  # Google's IFEval prompts answered by every compared model (the first N of 541; 0 = skip IFEval)
+    ifeval_max_new_tokens: int = 512  # IFEval answers; length instructions (e.g. "at least 300 words") need room
     extra_models: list[ModelConfig] = field(default_factory=list)  # more models to compare besides the base model and cfg.variants
     answer_backend: Optional[BackendConfig] = None  # how the compared models (local weights) answer, e.g. +backend@evaluate.answer_backend=vllm; None = `backend`, or hf when `backend` is openai (an endpoint cannot serve this run's fine-tuned weights)
     question_prompt: str = "Write one new question that a user might ask about {leaf} ({path}) in the domain of {domain}. Reply with the question only, without an answer."
     judge_prompt: str = (
         "You are a fair judge. Below are a question and {k} answers from different AI assistants. Choose the answer that is "
         "the most helpful, accurate, relevant and detailed. The order of the answers and their length must not influence you."
-        "\n\n[Question]\n{question}\n\n{answers}\n\nExplain your choice in at most two sentences, then give your verdict "
-        "strictly in the form [[i]], where i is the number of the best answer (1 to {k})."
+        "\n\n[Question]\n{question}\n\n{answers}\n\nStart your reply with your verdict strictly in the form [[i]], where i is "
+        "the number of the best answer (1 to {k}); then explain it in at most two sentences."
     )
     judge_retry_prompt: str = "Your reply has no verdict in the required form. Reply with only [[i]], where i is the number of the best answer (1 to {k})."
     diversity_prompt: str = (
@@ -291,6 +297,10 @@ class EvaluateConfig:
         "complexity (difficulty of the tasks), practicality (usefulness in real work), depth (expertise needed), "
         "clarity (how well-posed they are), correlation (relevance to {domain}). Reply with only a JSON object such as "
         '{{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
+    )
+    diversity_choice_prompt: str = (  # judges with probabilities: one dimension per call, the score picked among "1".."10"
+        "Here are {n} instructions sampled from an instruction-tuning dataset for the {domain} domain:\n\n{instructions}\n\n"
+        "Rate this set of instructions from 1 to 10 on {dimension} ({description}). Reply with only the integer score."
     )
     diversity_retry_prompt: str = 'Reply with only the JSON object with the six integer scores from 1 to 10, e.g. {{"scope": 7, "complexity": 5, "practicality": 8, "depth": 6, "clarity": 9, "correlation": 8}}.'
 
@@ -301,11 +311,14 @@ class EvaluateConfig:
         _check(self.diversity_draws >= 1 and self.diversity_sample_size >= 1, "evaluate.diversity_draws",
                "diversity_draws and diversity_sample_size must be >= 1")
         _check(self.question_max_rounds >= 1, "evaluate.question_max_rounds", "must be >= 1")
-        for name in ("answer_max_new_tokens", "judge_max_new_tokens", "question_max_new_tokens", "diversity_max_new_tokens"):
+        _check(0 <= self.ifeval_prompts <= 541, "evaluate.ifeval_prompts", f"got {self.ifeval_prompts}; IFEval has 541 prompts (0 = skip)")
+        _check(len(set(Path(p).stem for p in self.test_sets)) == len(self.test_sets), "evaluate.test_sets",
+               "two files have the same name; each test set is reported under its file name, so rename one")
+        for name in ("answer_max_new_tokens", "ifeval_max_new_tokens", "judge_max_new_tokens", "question_max_new_tokens", "diversity_max_new_tokens"):
             _check(getattr(self, name) >= 1, f"evaluate.{name}", "must be >= 1")
         _check(self.answer_backend is None or self.answer_backend.name != "openai", "evaluate.answer_backend",
                "the compared models are local weights (the fine-tuned ones exist only in this run); use hf or vllm")
-        for name in ("question_prompt", "judge_prompt", "diversity_prompt"):
+        for name in ("question_prompt", "judge_prompt", "diversity_prompt", "diversity_choice_prompt"):
             text = getattr(self, name)
             _check("{" in text, f"evaluate.{name}", "must keep its {placeholders} (see the default in unifit/config.py)")
 

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from unifit.llm.base import Conversation, GenerationParams
 
-_BLOCK = re.compile(r"\[Answer (\d+)\]\n(.*?)(?=\n\n\[Answer \d+\]|\n\nExplain your choice)", re.DOTALL)
+_BLOCK = re.compile(r"\[Answer (\d+)\]\n(.*?)(?=\n\n\[Answer \d+\]|\n\nStart your reply)", re.DOTALL)
 
 
 def answers_in_prompt(prompt: str) -> list[str]:
@@ -50,3 +50,30 @@ def garbage_then_second(conversation: Conversation) -> str:
 
 def always_garbage(conversation: Conversation) -> str:
     return "I cannot decide [[maybe]]."
+
+
+class ScriptedLogitJudge:
+    """A judge with `choose`, shaped like HFChatModel's: the verdict `[[i]]` gets the log-probability
+    `strength[model shown at i] + position_bonus[i]` (known logits), normalised by the real choice code."""
+
+    def __init__(self, strength: dict[str, float], position_bonus: Sequence[float], model_of: Callable[[str], str]) -> None:
+        self.name = "scripted-logits"
+        self.strength = strength
+        self.position_bonus = list(position_bonus)
+        self.model_of = model_of  # answer text -> model name
+        self.calls: list[tuple[Conversation, list[str]]] = []
+
+    def logits(self, prompt: str) -> list[float]:
+        shown = [self.model_of(text) for text in answers_in_prompt(prompt)]
+        return [self.strength[m] + self.position_bonus[i] for i, m in enumerate(shown)]
+
+    def choose(self, conversations: Sequence[Conversation], options: Sequence[str]):
+        from unifit.llm.choice import choice_from_logprobs
+
+        choices = []
+        for conversation in conversations:
+            self.calls.append((list(conversation), list(options)))
+            logits = self.logits(conversation[0]["content"])
+            assert list(options) == [f"[[{i}]]" for i in range(1, len(logits) + 1)]
+            choices.append(choice_from_logprobs(logits))
+        return choices

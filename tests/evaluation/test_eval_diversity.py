@@ -90,3 +90,28 @@ def test_draw_samples_are_seeded_distinct_subsets() -> None:
     assert draws == draw_samples(texts, 5, 4, seed=3)
     assert all(len(set(d)) == 4 for d in draws)
     assert draw_samples(texts[:2], 2, 4, seed=0)[0] in (["0", "1"], ["1", "0"])
+
+
+def test_probability_judge_scores_every_draw_by_its_expected_score() -> None:
+    """Known probabilities over "1".."10" per dimension: each draw's score is the expectation, and no draw fails."""
+    from unifit.llm.choice import choice_from_logprobs
+
+    logits = {d: [-0.5 * (s - (3 + i)) ** 2 for s in range(1, 11)] for i, d in enumerate(DIMENSIONS)}
+
+    class Chooser:
+        name = "chooser"
+
+        def choose(self, conversations, options):
+            assert list(options) == [str(i) for i in range(1, 11)]
+            return [choice_from_logprobs(logits[next(d for d in DIMENSIONS if f" on {d} (" in c[0]["content"])]) for c in conversations]
+
+    result = diversity(Chooser(), {"a": [f"instruction {i}" for i in range(10)], "b": []}, domain="email", draws=3, sample_size=4, seed=0)
+    assert result["method"] == "probability"
+    expected = {}
+    for d in DIMENSIONS:
+        p = np.exp(np.array(logits[d]) - max(logits[d]))
+        expected[d] = float((np.arange(1, 11) * p).sum() / p.sum())
+    entry = result["sources"]["a"]
+    assert entry["failures"] == 0 and len(entry["draws"]) == 3
+    assert entry["mean"] == pytest.approx(expected) and entry["std"] == pytest.approx({d: 0.0 for d in DIMENSIONS})
+    assert result["sources"]["b"] == {"n_instructions": 0, "draws": [], "failures": 0, "failed_replies": []}

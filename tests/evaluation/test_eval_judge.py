@@ -146,3 +146,73 @@ def test_misaligned_answers_are_rejected() -> None:
         win_rates(QUESTIONS, {"A": ["a"], "B": ["b"] * len(QUESTIONS)}, ScriptedJudge(picks_first), seed=0)
     with pytest.raises(ValueError, match="two models"):
         win_rates(QUESTIONS, {"A": ["a"] * len(QUESTIONS)}, ScriptedJudge(picks_first), seed=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_probability_judge_maps_every_ordering_back_to_the_models(k: int) -> None:
+    """Known logits per displayed position (model strength + position bonus): each ordering's verdict, its
+    probabilities, the majority, position bias and decisiveness follow exactly."""
+    from eval_scripted import ScriptedLogitJudge
+
+    models = [f"m{j}" for j in range(k)]
+    answers = _answers(models, {m: 10 + j for j, m in enumerate(models)}, n=12)
+    strength = {m: 0.6 * j for j, m in enumerate(models)}  # the last model is best
+    bonus = [1.0] + [0.0] * (k - 1)  # the judge favours the first position
+    judge = ScriptedLogitJudge(strength, bonus, model_of=lambda text: text.split()[0])
+    result = win_rates(QUESTIONS[:12], answers, judge, seed=3, bootstrap_samples=200)
+    assert result.method == "probability" and result.parse_failures == 0 and result.retries == 0
+    assert len(judge.calls) == 12 * 3
+    chosen_probs = []
+    for q, record in enumerate(result.records):
+        for o, name in enumerate(("forward", "reverse", "random")):
+            shown = record["orderings"][name]
+            assert shown == [models[j] for j in orderings(k, 3, q)[o]]
+            logits = np.array([strength[m] + bonus[i] for i, m in enumerate(shown)])
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            assert record["probs"][o] == pytest.approx(list(probs))
+            assert record["verdicts"][o] == int(np.argmax(probs)) + 1
+            assert record["votes"][o] == shown[int(np.argmax(probs))]
+            chosen_probs.append(probs.max())
+        assert record["winner"] == majority(record["votes"])
+    assert result.decisiveness == pytest.approx(float(np.mean(chosen_probs)))
+    for name in ("forward", "reverse", "random"):
+        verdicts = [r["verdicts"][("forward", "reverse", "random").index(name)] for r in result.records]
+        assert result.position_bias[name] == pytest.approx([verdicts.count(i) / 12 for i in range(1, k + 1)])
+    assert sum(result.win_rate.values()) + result.no_majority_rate == pytest.approx(1.0)
+    assert result.mean_answer_words == {m: pytest.approx(4.0) for m in models}  # "<model> answer <q>: xxx…" is 4 words
+
+
+def test_logistic_fit_recovers_known_coefficients() -> None:
+    from unifit.evaluation.judge import fit_logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=20000)
+    y = (rng.uniform(size=x.size) < 1 / (1 + np.exp(-(-0.4 + 2.0 * x)))).astype(float)
+    a, b = fit_logistic(x, y, l2=1e-6)
+    assert a == pytest.approx(-0.4, abs=0.05) and b == pytest.approx(2.0, abs=0.1)
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_preference() -> None:
+    """A judge that only prefers longer answers: the long model wins raw, but at equal length it is a coin flip."""
+    rng = np.random.default_rng(1)
+    n = 60
+    words = {"short": rng.integers(20, 120, size=n), "long": rng.integers(20, 120, size=n) + 40}
+    answers = {m: [" ".join(["w"] * int(words[m][q])) for q in range(n)] for m in words}
+
+    class LengthJudge:
+        name = "length-lover"
+
+        def choose(self, conversations, options):
+            from unifit.llm.choice import choice_from_logprobs
+
+            out = []
+            for conversation in conversations:
+                lengths = [len(a.split()) for a in answers_in_prompt(conversation[0]["content"])]
+                out.append(choice_from_logprobs([0.03 * n_words for n_words in lengths]))
+            return out
+
+    result = win_rates([f"q{i}" for i in range(n)], answers, LengthJudge(), seed=0, bootstrap_samples=100)
+    assert result.win_rate["long"] > 0.8
+    assert result.verdict_share["long"] > 0.7
+    assert result.length_controlled_win_rate["long"] == pytest.approx(0.5, abs=0.12)
+    assert result.length_controlled_win_rate["short"] == pytest.approx(0.5, abs=0.12)

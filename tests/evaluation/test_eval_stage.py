@@ -114,8 +114,11 @@ def _run_dir(tmp_path: Path) -> Path:
 
 def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     run_dir = _run_dir(tmp_path)
+    vicuna = tmp_path / "my_vicuna.jsonl"
+    vicuna.write_text('{"question_id": 1, "text": "How do I rotate keys?"}\n{"question_id": 2, "text": "What is SPF?"}\n')
     cfg = UnifitConfig(run_dir=str(run_dir), variants=[VariantConfig("pithy_ne", "pithy", True), VariantConfig("all", "all", False)],
                        evaluate=EvaluateConfig(num_test_questions=5, bootstrap_samples=200, diversity_draws=2, diversity_sample_size=2,
+                                               ifeval_prompts=3, ifeval_max_new_tokens=40, test_sets=[str(vicuna)],
                                                extra_models=[ModelConfig(name="other", source="hub", path="org/other")]))
     asked: list[tuple[str, GenerationParams]] = []
 
@@ -142,7 +145,8 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert models["pithy_ne"].path == str(run_dir / "finetune" / "pithy_ne" / "model") and models["pithy_ne"].source == "hub"
     assert missing == ["all"] and sorted(name for name, _ in asked) == ["other", "pithy_ne", "smollm2_135m"]
     assert all(p.temperature == 0.0 and p.repetition_penalty == 1.2 for _, p in asked)
-    assert len({p for _, p in asked}) == 1  # identical settings for every model
+    assert len({p for _, p in asked if p.max_new_tokens != 40}) == 1  # identical settings for every model
+    assert {p.max_new_tokens for _, p in asked} == {cfg.evaluate.answer_max_new_tokens, 40}  # 40: IFEval answers
 
     judged = json.loads((out / "judge.json").read_text())
     assert judged["win_rate"] == {"native": 0.0, "pithy_ne": 1.0, "other": 0.0}
@@ -153,6 +157,21 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert set(diversity["sources"]) == {"unifit", "self_instruct"}
     assert diversity["sources"]["self_instruct"]["mean"]["correlation"] == 9.0
     assert metrics["win_rate/pithy_ne"] == 1.0 and metrics["missing_models"] == 1 and metrics["test_questions"] == 5
+    # the user's test set is answered and judged on its own
+    set_judged = json.loads((out / "test_sets" / "my_vicuna" / "judge.json").read_text())
+    assert set_judged["n_questions"] == 2 and set_judged["win_rate"]["pithy_ne"] == 1.0
+    assert [r["question"] for r in set_judged["records"]] == ["How do I rotate keys?", "What is SPF?"]
+    assert metrics["my_vicuna/win_rate/pithy_ne"] == 1.0
+    # IFEval: every compared model answered the first 3 prompts and was scored by rules
+    from unifit.evaluation.ifeval import load_prompts, score
+
+    scored = json.loads((out / "ifeval.json").read_text())
+    assert scored["n_prompts"] == 3 and set(scored["models"]) == {"native", "pithy_ne", "other"}
+    ifeval_answers = [a for a in read_parquet(out / "ifeval_answers.parquet") if a["model"] == "other"]
+    assert len(ifeval_answers) == 3
+    expected = score(load_prompts(3), [a["answer"] for a in ifeval_answers])
+    assert scored["models"]["other"]["inst_level_loose"] == expected["inst_level_loose"]
+    assert metrics["ifeval/other/inst_level_strict"] == expected["inst_level_strict"]
 
     def must_not_run(*args: object) -> list[Completion]:
         raise AssertionError("answers were already complete: the resumed stage must not ask again")
@@ -188,7 +207,7 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
                        variants=[VariantConfig("pithy_ne", "pithy", True)],
                        evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
                                                diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
-                                               judge_max_retries=1, question_max_rounds=3))
+                                               judge_max_retries=1, question_max_rounds=3, ifeval_prompts=2, ifeval_max_new_tokens=8))
     ctx = StageContext(cfg, run_dir, "evaluate")
     metrics = evaluation_stage.run(ctx)
     for pool in ctx.clients.pools.values():
@@ -197,14 +216,19 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
     n = metrics["test_questions"]
     assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]
-    # a random model does not write [[i]]: every ordering fails after its retry, counted, and no model wins
-    assert judged["parse_failures"] == 3 * n and judged["retries"] == 3 * n
-    assert judged["no_majority_rate"] == 1.0 and "smoke test" in judged["smoke_test_caveat"]
+    # a random model never writes [[i]], but it chooses by probability: every ordering gets a verdict
+    assert judged["method"] == "probability" and judged["parse_failures"] == 0 and judged["retries"] == 0
+    assert all(v in (1, 2) for r in judged["records"] for v in r["verdicts"]) and 0.5 <= judged["decisiveness"] <= 1.0
+    assert all((r["winner"] is None) == (len(set(r["votes"])) == len(r["votes"])) for r in judged["records"])  # k=2: a tie needs 3 distinct
+    assert "smoke test" in judged["smoke_test_caveat"]
     answers = read_parquet(run_dir / "evaluate" / "answers.parquet")
     assert len(answers) == 2 * n and all(a["finish_reason"] in ("stop", "length") for a in answers)
     assert all(a["answer"] for a in answers)
     diversity = json.loads((run_dir / "evaluate" / "diversity.json").read_text())
-    assert diversity["sources"]["unifit"]["failures"] == 1 and diversity["sources"]["self_instruct"]["failures"] == 1
+    assert diversity["method"] == "probability"
+    assert diversity["sources"]["unifit"]["failures"] == 0 and diversity["sources"]["self_instruct"]["failures"] == 0
+    assert all(1 <= v <= 10 for source in diversity["sources"].values() for v in source["mean"].values())
+    assert set(json.loads((run_dir / "evaluate" / "ifeval.json").read_text())["models"]) == {"native", "pithy_ne"}
     # two models (the judge is the native model: one shared pool) over at most 2 actors each, whatever the calls
     assert serving["models_served"] == 2 and serving["model_calls"] >= 6
     assert 2 <= serving["model_loads"] <= 2 * 2 and serving["engine_starts"] == 0

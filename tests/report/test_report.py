@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def make_run(root: Path, name: str, *, model: str = "smollm2_135m", ratio: float
                        select=SelectConfig(ratio=ratio))
     _write(run_dir / "config.json", to_container(cfg))
     _png(run_dir / "generate" / "tree.png")
-    _write(run_dir / "generate" / "report.json", {"instances": 40, "filters": {"too_short": 3, "near_duplicates": 2}})
+    _write(run_dir / "generate" / "report.json", {
+        "tree": {"nodes": 10, "leaves": 6}, "instances": 40, "dedup": {"kept": 40, "near_duplicates": 2},
+        "leaf_generation": {"leaf_calls": 7, "pairs_kept": 42, "too_short": 3, "truncated": 5, "refusal": 0, "truncated_question_lists": 1}})
     stages = {"generate": {"seconds": 30.0, "metrics": {}}}
     if complete:
         stages.update(train_scorer={"seconds": 120.0, "metrics": {}}, score={"seconds": 60.0, "metrics": {}},
@@ -93,9 +96,17 @@ def make_run(root: Path, name: str, *, model: str = "smollm2_135m", ratio: float
                       finetune={"seconds": 900.0, "metrics": {"pithy_train_seconds": 90.0, "all_train_seconds": 600.0,
                                                               "pithy_ne_train_seconds": 300.0, "all_ne_train_seconds": 630.0}})
         _png(run_dir / "select" / "ifd_hist.png")
-        _write(run_dir / "select" / "report.json", {"scored": 40, "selected": 3, "dropped_ifd_ge_1": 5, "truncated": 1})
+        _write(run_dir / "select" / "report.json", {"instances": 40, "kept": 3, "ratio": ratio, "max_ifd": 1.0, "target": 3,
+                                                    "reasons": {"kept_by_rank": 3, "kept_by_quota": 0, "dropped_truncated": 1,
+                                                                "dropped_ifd_ge_max": 5, "dropped_rank": 31}})
+        _write(run_dir / "evaluate" / "ifeval.json", {"n_prompts": 12, "max_new_tokens": 96, "models": {
+            m: {"prompt_level_strict": 0.25 + i / 10, "inst_level_strict": 0.4, "prompt_level_loose": 0.3, "inst_level_loose": 0.5,
+                "n_prompts": 12, "n_prompts_scored": 11, "n_instructions_scored": 17,
+                "unavailable": {"length_constraints:number_sentences": 1}, "per_type_strict": {}, "records": []}
+            for i, m in enumerate(["native", "pithy_ne", "all"])}})
         votes = [["pithy_ne"] * 3] * pithy_ne_wins + [["native", "all", "pithy_ne"]] * (6 - pithy_ne_wins)
         judged = aggregate(votes, ["native", "pithy_ne", "all"], parse_failures=1, bootstrap_samples=200).to_dict()
+        _write(run_dir / "evaluate" / "test_sets" / "vicuna" / "judge.json", {**judged, "judge": model, "missing_models": []})
         _write(run_dir / "evaluate" / "judge.json", {**judged, "judge": model, "missing_models": [],
                                                      "smoke_test_caveat": f"the judge is the judged base model itself ({model}); its verdicts are only a smoke test"})
         scores = {"scope": 6.0, "complexity": 5.0, "practicality": 7.0, "depth": 4.0, "clarity": 8.0, "correlation": 9.0}
@@ -126,18 +137,24 @@ def test_report_of_a_finished_run(tmp_path: Path) -> None:
     metrics = report_stage(StageContext(cfg, run_dir, "report"))
     out = run_dir / "report"
     page = _page(out)
-    assert set(page.images) == {"tree.png", "ifd_hist.png", "win_rates.png", "diversity_radar.png"}
-    assert metrics == {"runs": 1, "images": 4, "notes": len(page.notes)}
+    assert set(page.images) == {"tree.png", "ifd_hist.png", "win_rates.png", "diversity_radar.png", "funnel.png"}
+    assert metrics == {"runs": 1, "images": 5, "notes": len(page.notes)}
     rows = {row[1]: row for row in _table1(page)}
     # select = (120 + 60) s = 3 min for Pithy settings, 0 for All; all = select + train
     assert rows["Pithy"][3:] == ["3.00", "1.50", "4.50"]
     assert rows["All"][3:] == ["0.00", "10.00", "10.00"]
     assert rows["Pithy NE"][2:] == ["pithy_ne", "3.00", "5.00", "8.00"]
     assert rows["All NE"][3:] == ["0.00", "10.50", "10.50"]
-    win = next(t for t in page.tables if t[0] == ["model", "win rate", "95% CI"])
-    assert win[2][:2] == ["pithy_ne", "50.0%"] and win[4][:2] == ["no majority", "50.0%"]
+    win, vicuna = [t for t in page.tables if t[0][:2] == ["model", "win rate (majority of 3 orderings)"]]
+    assert win[2][:2] == ["pithy_ne", "50.0%"] and win[4][:2] == ["no majority", "50.0%"] and vicuna == win
+    ifeval = next(t for t in page.tables if t[0][:2] == ["model", "prompt-level strict"])
+    assert ifeval[1:] == [["native", "25.0%", "40.0%", "30.0%", "50.0%"], ["pithy_ne", "35.0%", "40.0%", "30.0%", "50.0%"],
+                          ["all", "45.0%", "40.0%", "30.0%", "50.0%"]]
     counts = next(t for t in page.tables if t[0][0] == "generation / filter count")
-    assert ["filters.too_short", "3"] in counts
+    assert ["leaf_generation.too_short", "3"] in counts
+    headings = re.findall(r"<h2>(.*?)</h2>", (out / "report.html").read_text())
+    assert headings.index("Figure 4 — judge win rate") < headings.index("Table 1 — time per model and setting") < len(headings) - 1
+    assert "<details><summary>All generate counters" in (out / "report.html").read_text()
     diversity = next(t for t in page.tables if t[0][0] == "source")
     assert diversity[1][1] == "6.00 ± 0.50" and diversity[2][-1] == "2"
     assert any("smoke test" in note for note in page.notes)
@@ -151,7 +168,7 @@ def test_report_of_a_partial_run_says_not_run(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, "partial", complete=False)
     build_report([run_dir], tmp_path / "out")
     page = _page(tmp_path / "out")
-    assert page.images == ["tree.png"]
+    assert page.images == ["funnel.png", "tree.png"]
     text = " ".join(page.notes)
     for missing in ("ifd_hist.png", "judge.json", "diversity.json"):
         assert missing in text
@@ -177,3 +194,14 @@ def test_cli_aggregates_a_multi_model_sweep_and_a_ratio_sweep(tmp_path: Path, ca
 def test_cli_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_funnel_steps_follow_the_counters(tmp_path: Path) -> None:
+    from unifit.report.report import funnel_steps, load_run
+
+    steps = funnel_steps(load_run(make_run(tmp_path, "demo")))
+    assert steps == [
+        ("question–answer pairs generated", 50, False), ("answer cut off at the token limit", 5, True), ("answer too short", 3, True),
+        ("kept by the filters", 42, False), ("near-duplicates", 2, True), ("after deduplication (training data 'All')", 40, False),
+        ("scored by IFD", 40, False), ("too long to score", 1, True), ("IFD ≥ 1.0 (answer does not help)", 5, True),
+        ("below the Pithy ratio", 31, True), ("Pithy (top 6% by IFD)", 3, False)]

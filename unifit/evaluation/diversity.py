@@ -2,8 +2,12 @@
 
 A draw is a set of instructions shown together, because breadth ("scope") is a property of a set,
 not of one instruction. Several seeded draws per source are averaged and their spread (std) kept,
-so UNIFIT and Self-Instruct are compared with an honest error bar. Replies are parsed as a JSON
-object or as `dimension: score` lines; unparseable replies are retried, then counted as failures.
+so UNIFIT and Self-Instruct are compared with an honest error bar.
+
+A judge with `choose` (local weights, servers with logprobs) is asked one dimension at a time and its
+score is the expected score under its probabilities over "1".."10", so every draw is scored. Otherwise
+replies are parsed as a JSON object or `dimension: score` lines; unparseable ones are retried, then
+counted as failures.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import numpy as np
 
 from unifit.config import EvaluateConfig
 from unifit.evaluation.asking import ask_with_retries
+from unifit.evaluation.judge import chooses_by_probability
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
 
 DIMENSIONS: tuple[str, ...] = ("scope", "complexity", "practicality", "depth", "clarity", "correlation")
+DESCRIPTIONS: dict[str, str] = {
+    "scope": "breadth of the topics covered", "complexity": "difficulty of the tasks", "practicality": "usefulness in real work",
+    "depth": "expertise needed", "clarity": "how well-posed they are", "correlation": "relevance to the domain",
+}
+SCORES: tuple[str, ...] = tuple(str(i) for i in range(1, 11))
 _LINE = re.compile(r"\b(" + "|".join(DIMENSIONS) + r")\b\W{0,6}?\s*[:=\-]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _JSON = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
@@ -56,7 +66,8 @@ def draw_samples(instructions: Sequence[str], draws: int, size: int, seed: int) 
 def diversity(judge: ChatClient | FreeTextModel, sources: Mapping[str, Sequence[str]], *, domain: str, draws: int, sample_size: int,
               seed: int, max_retries: int = 2, params: Optional[GenerationParams] = None,
               prompt: str = EvaluateConfig.diversity_prompt,
-              retry_prompt: str = EvaluateConfig.diversity_retry_prompt) -> dict[str, Any]:
+              retry_prompt: str = EvaluateConfig.diversity_retry_prompt,
+              choice_prompt: str = EvaluateConfig.diversity_choice_prompt) -> dict[str, Any]:
     """Per source: mean and std over draws of each dimension, the per-draw scores, and the failed draws.
 
     `sources` maps a name (e.g. unifit, self_instruct) to its instruction texts; an empty source is
@@ -68,13 +79,33 @@ def diversity(judge: ChatClient | FreeTextModel, sources: Mapping[str, Sequence[
     for offset, (name, texts) in enumerate(sources.items()):
         if texts:
             plan += [(name, sample) for sample in draw_samples(list(texts), draws, sample_size, seed + 1000 * offset)]
-    prompts = [prompt.format(n=len(sample), domain=domain, instructions="\n".join(f"{i}. {t.strip()}" for i, t in enumerate(sample, 1)))
-               for _, sample in plan]
-    parsed, replies, retries = ask_with_retries(judge, prompts, lambda text, _i: parse_scores(text),
-                                                [retry_prompt.format()] * len(prompts), params,
-                                                max_retries=max_retries)
+    listed = [(len(sample), "\n".join(f"{i}. {t.strip()}" for i, t in enumerate(sample, 1))) for _, sample in plan]
+    retries = 0
+    if chooses_by_probability(judge):
+        method = "probability"
+        conversations = [[{"role": "user", "content": choice_prompt.format(n=n, domain=domain, instructions=text, dimension=d,
+                                                                           description=DESCRIPTIONS[d])}]
+                         for n, text in listed for d in DIMENSIONS]
+        choices = list(judge.choose(conversations, list(SCORES))) if conversations else []
+        parsed: list[Optional[dict[str, float]]] = []
+        replies = []
+        for start in range(0, len(choices), len(DIMENSIONS)):
+            mine = choices[start:start + len(DIMENSIONS)]
+            if any(c is None for c in mine):
+                parsed.append(None)
+                replies.append("no option named by the judge for some dimension")
+                continue
+            parsed.append({d: float(sum((i + 1) * p for i, p in enumerate(c.probs))) for d, c in zip(DIMENSIONS, mine)})
+            replies.append(json.dumps({d: {"expected": parsed[-1][d], "probs": [round(p, 4) for p in c.probs]}
+                                       for d, c in zip(DIMENSIONS, mine)}))
+    else:
+        method = "text"
+        prompts = [prompt.format(n=n, domain=domain, instructions=text) for n, text in listed]
+        parsed, replies, retries = ask_with_retries(judge, prompts, lambda text, _i: parse_scores(text),
+                                                    [retry_prompt.format()] * len(prompts), params,
+                                                    max_retries=max_retries)
     result: dict[str, Any] = {"dimensions": list(DIMENSIONS), "draws": draws, "sample_size": sample_size,
-                              "judge": getattr(judge, "name", type(judge).__name__), "retries": retries, "sources": {}}
+                              "judge": getattr(judge, "name", type(judge).__name__), "retries": retries, "method": method, "sources": {}}
     for name, texts in sources.items():
         mine = [(scores, reply) for (source, _), scores, reply in zip(plan, parsed, replies) if source == name]
         ok = [scores for scores, _ in mine if scores is not None]

@@ -5,6 +5,12 @@ forward, reverse and a seeded random order; a model wins a question only when at
 three verdicts name it. Anything else is "no majority" — reported as its own outcome, never a tie
 or a win. The flip rate (verdicts that do not all name the same model) measures the judge's
 inconsistency; bootstrap intervals over questions give the uncertainty of each win rate.
+
+A judge with a `choose` method (local hf weights, OpenAI-compatible servers with logprobs) picks the
+verdict `[[i]]` by its own probabilities, so it always decides; its position bias (how often each
+position wins, per ordering) and decisiveness (mean probability of the chosen verdict) are reported.
+A judge without one answers in free text, parsed for `[[i]]` with bounded re-asks. Judges prefer long
+answers, so each model's mean answer length and a length-controlled win rate are reported beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from unifit.config import EvaluateConfig
 from unifit.evaluation.asking import ask_with_retries
-from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
+from unifit.llm.base import ChatClient, Choice, Conversation, FreeTextModel, GenerationParams
 
 ORDERING_NAMES: tuple[str, ...] = ("forward", "reverse", "random")
 _VERDICT = re.compile(r"\[\[\s*(\d+)\s*\]\]")
@@ -38,6 +44,12 @@ class WinRates:
     no_majority_ci: tuple[float, float]
     retries: int = 0  # re-asks spent on unparseable verdicts
     judge: str = ""
+    method: str = "text"  # "probability": verdicts chosen by the judge's probabilities; "text": parsed from free text
+    decisiveness: Optional[float] = None  # mean probability of the chosen verdict (probability judges only)
+    position_bias: dict[str, list[float]] = field(default_factory=dict)  # ordering -> share of verdicts for each position 1..k
+    mean_answer_words: dict[str, float] = field(default_factory=dict)
+    verdict_share: dict[str, float] = field(default_factory=dict)  # share of single verdicts (question x ordering) per model, probability-weighted
+    length_controlled_win_rate: dict[str, float] = field(default_factory=dict)  # verdict_share at equal answer length (logistic fit)
     records: list[dict[str, Any]] = field(default_factory=list)  # one per question: orderings, verdicts, votes, winner, flip
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +133,59 @@ def aggregate(votes: Sequence[Sequence[Optional[str]]], models: Sequence[str], *
     )
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, steps: int = 50) -> tuple[float, float]:
+    """Intercept and slope of P(y=1) = sigmoid(a + b·x) by Newton's method; y may be soft labels in [0, 1].
+
+    A small L2 penalty keeps both finite when the data are separable (e.g. a model that never wins).
+    """
+    design = np.stack([np.ones_like(x), x], axis=1)
+    theta = np.zeros(2)
+    n = len(x)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(design @ theta)))
+        gradient = design.T @ (p - y) / n + l2 * theta
+        hessian = (design.T * (p * (1 - p))) @ design / n + l2 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def length_controlled(shares: np.ndarray, words: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-model verdict share and its length-controlled value, in the spirit of AlpacaEval's length control.
+
+    `shares[v, m]`: how much verdict v (one question in one ordering) goes to model m (a probability, or 0/1);
+    `words[v, m]`: model m's answer length there. For each model, a logistic regression of its share on
+    tanh(length difference to the other models' mean / its std) is fitted; the win probability at equal
+    length is the sigmoid of the intercept.
+    """
+    n_models = shares.shape[1]
+    raw = shares.mean(axis=0)
+    controlled = np.empty(n_models)
+    for m in range(n_models):
+        others = np.delete(words, m, axis=1).mean(axis=1)
+        diff = words[:, m] - others
+        scale = diff.std() or 1.0
+        intercept, _ = fit_logistic(np.tanh(diff / scale), shares[:, m])
+        controlled[m] = 1 / (1 + np.exp(-intercept))
+    return {"share": raw, "controlled": controlled}
+
+
+def chooses_by_probability(judge: Any) -> bool:
+    """Whether `judge` picks among fixed options by its probabilities: a model client knows from its backend
+    (`offers_choice`); a scripted model does when it has a `choose` method."""
+    return bool(getattr(judge, "offers_choice", callable(getattr(judge, "choose", None))))
+
+
+def _ask_choices(judge: Any, prompts: Sequence[str], k: int) -> list[Optional[Choice]]:
+    conversations: list[Conversation] = [[{"role": "user", "content": p}] for p in prompts]
+    choices = list(judge.choose(conversations, [f"[[{i}]]" for i in range(1, k + 1)]))
+    if len(choices) != len(prompts):
+        raise RuntimeError(f"{getattr(judge, 'name', judge)!r} returned {len(choices)} choices for {len(prompts)} prompts")
+    return choices
+
+
 def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], judge: ChatClient | FreeTextModel, *, seed: int,
               max_retries: int = 2, bootstrap_samples: int = 1000, params: Optional[GenerationParams] = None,
               prompt: str = EvaluateConfig.judge_prompt, retry_prompt: str = EvaluateConfig.judge_retry_prompt,
@@ -128,7 +193,8 @@ def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], ju
     """Judge every question with all models' answers in three orderings; see the module docstring.
 
     `answers` maps model name -> answers aligned with `questions`; `prompt` has {question}, {answers}, {k}.
-    Unparseable verdicts are re-asked `max_retries` times, then counted in `parse_failures` as no vote.
+    A judge with `choose` picks `[[i]]` by probability; otherwise unparseable verdicts are re-asked
+    `max_retries` times, then counted in `parse_failures` as no vote.
     """
     models = list(answers)
     if len(models) < 2:
@@ -139,27 +205,66 @@ def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], ju
     if not questions:
         raise ValueError("no test questions to judge")
     k = len(models)
+    n_orders = len(ORDERING_NAMES)
     params = params or GenerationParams(max_new_tokens=256, temperature=0.0, seed=seed)
     perms = [orderings(k, seed, q) for q in range(len(questions))]
     prompts = [prompt.format(question=question, k=k, answers=format_answers([answers[models[j]][q] for j in order]))
                for q, question in enumerate(questions) for order in perms[q]]
-    verdicts, replies, retries = ask_with_retries(
-        judge, prompts, lambda text, _i: parse_verdict(text, k), [retry_prompt.format(k=k)] * len(prompts), params,
-        max_retries=max_retries)
+    retries = 0
+    probs: list[Optional[tuple[float, ...]]] = [None] * len(prompts)
+    if chooses_by_probability(judge):
+        method = "probability"
+        choices = _ask_choices(judge, prompts, k)
+        verdicts: list[Optional[int]] = [None if c is None else c.index + 1 for c in choices]
+        probs = [None if c is None else tuple(c.probs) for c in choices]
+        replies = ["" if v is None else f"[[{v}]]" for v in verdicts]
+    else:
+        method = "text"
+        verdicts, replies, retries = ask_with_retries(
+            judge, prompts, lambda text, _i: parse_verdict(text, k), [retry_prompt.format(k=k)] * len(prompts), params,
+            max_retries=max_retries)
     votes: list[list[Optional[str]]] = []
     for q in range(len(questions)):
-        row = verdicts[3 * q:3 * q + 3]
+        row = verdicts[n_orders * q:n_orders * q + n_orders]
         votes.append([None if v is None else models[perms[q][o][v - 1]] for o, v in enumerate(row)])
     failures = sum(v is None for v in verdicts)
     result = aggregate(votes, models, parse_failures=failures, bootstrap_samples=bootstrap_samples, seed=seed)
     result.retries = retries
+    result.method = method
     result.judge = getattr(judge, "name", type(judge).__name__)
     for q, record in enumerate(result.records):
         record.update(
             question_id=question_ids[q] if question_ids is not None else str(q),
             question=questions[q],
             orderings={name: [models[j] for j in perms[q][o]] for o, name in enumerate(ORDERING_NAMES)},
-            verdicts=verdicts[3 * q:3 * q + 3],
-            replies=replies[3 * q:3 * q + 3],
+            verdicts=verdicts[n_orders * q:n_orders * q + n_orders],
+            replies=replies[n_orders * q:n_orders * q + n_orders],
+            probs=[list(p) if p is not None else None for p in probs[n_orders * q:n_orders * q + n_orders]],
         )
+    for o, name in enumerate(ORDERING_NAMES):
+        picked = [verdicts[n_orders * q + o] for q in range(len(questions))]
+        decided = [v for v in picked if v is not None]
+        result.position_bias[name] = [sum(v == i for v in decided) / len(decided) if decided else 0.0 for i in range(1, k + 1)]
+    chosen = [p[v - 1] for p, v in zip(probs, verdicts) if p is not None and v is not None]
+    result.decisiveness = float(np.mean(chosen)) if chosen else None
+    words = {m: [len(a.split()) for a in answers[m]] for m in models}
+    result.mean_answer_words = {m: float(np.mean(words[m])) for m in models}
+    shares, lengths = [], []
+    for i, verdict in enumerate(verdicts):
+        if verdict is None:
+            continue
+        q, o = divmod(i, n_orders)
+        order = perms[q][o]  # order[position] = model index
+        share = np.zeros(k)
+        if probs[i] is not None:
+            for position, p in enumerate(probs[i]):
+                share[order[position]] += p
+        else:
+            share[order[verdict - 1]] = 1.0
+        shares.append(share)
+        lengths.append([words[m][q] for m in models])
+    if shares:
+        fitted = length_controlled(np.array(shares), np.array(lengths, dtype=float))
+        result.verdict_share = {m: float(fitted["share"][j]) for j, m in enumerate(models)}
+        result.length_controlled_win_rate = {m: float(fitted["controlled"][j]) for j, m in enumerate(models)}
     return result

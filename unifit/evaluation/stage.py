@@ -1,20 +1,25 @@
-"""The evaluate stage: test questions → answers of every compared model → judge win rates → diversity.
+"""The evaluate stage: test questions → answers of every compared model → judge win rates → diversity → IFEval.
 
-Outputs in `<run_dir>/evaluate/`: test_questions.parquet, answers.parquet, judge.json, diversity.json.
+Outputs in `<run_dir>/evaluate/`: test_questions.parquet, answers.parquet, judge.json, diversity.json,
+ifeval_answers.parquet, ifeval.json, and per user test set `test_sets/<name>/{answers.parquet,judge.json}`.
 Each is reused when present, so an interrupted stage resumes after its last finished step (the
 pipeline keeps the directory only while the stage's fingerprint is unchanged).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
+from unifit.evaluation import ifeval
 from unifit.evaluation.answers import answer_params, collect_answers, compared_models
 from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
+from unifit.evaluation.test_sets import load_test_set
 from unifit.generation.dedup import first_question
 from unifit.generation.tree import Node, Tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
@@ -86,6 +91,53 @@ def _test_questions(ctx: StageContext, judge: ChatClient, instances: list[dict[s
     return rows, counts
 
 
+def _judge(cfg: UnifitConfig, path: Path, questions: list[dict[str, Any]], answers: dict[str, list[str]], judge: ChatClient,
+           missing: list[str], caveat: Optional[str]) -> dict[str, Any]:
+    """judge.json for one question set: win rates, or why they were skipped; reused when present."""
+    if path.exists():
+        return read_json(path)
+    if len(answers) < 2:
+        judged = {"skipped": f"only {list(answers)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
+    else:
+        _, judge_backend, _ = judge_setup(cfg)
+        params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
+                                  repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
+        result = win_rates([q["question"] for q in questions], answers, judge, seed=cfg.seed,
+                           max_retries=cfg.evaluate.judge_max_retries, bootstrap_samples=cfg.evaluate.bootstrap_samples,
+                           params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
+                           question_ids=[q["question_id"] for q in questions])
+        judged = {**result.to_dict(), "missing_models": missing, "smoke_test_caveat": caveat}
+    write_json(path, judged)
+    return judged
+
+
+def _win_metrics(prefix: str, judged: dict[str, Any]) -> dict[str, Any]:
+    if "win_rate" not in judged:
+        return {}
+    metrics: dict[str, Any] = {f"{prefix}win_rate/{m}": r for m, r in judged["win_rate"].items()}
+    metrics.update({f"{prefix}lc_win_rate/{m}": r for m, r in judged.get("length_controlled_win_rate", {}).items()})
+    metrics.update({f"{prefix}no_majority_rate": judged["no_majority_rate"], f"{prefix}flip_rate": judged["flip_rate"],
+                    f"{prefix}judge_parse_failures": judged["parse_failures"]})
+    if judged.get("decisiveness") is not None:
+        metrics[f"{prefix}judge_decisiveness"] = judged["decisiveness"]
+    return metrics
+
+
+def _ifeval(cfg: UnifitConfig, out: Path, clients: Mapping[str, ChatClient]) -> dict[str, Any]:
+    """ifeval.json: Google's four accuracies per compared model on the first `evaluate.ifeval_prompts` prompts."""
+    path = out / "ifeval.json"
+    if path.exists():
+        return read_json(path)
+    rows = ifeval.load_prompts(cfg.evaluate.ifeval_prompts)
+    prompts = [{"question_id": str(row["key"]), "question": row["prompt"]} for row in rows]
+    params = dataclasses.replace(answer_params(cfg), max_new_tokens=cfg.evaluate.ifeval_max_new_tokens)
+    answers = collect_answers(prompts, clients, params, out / "ifeval_answers.parquet")
+    result = {"n_prompts": len(rows), "max_new_tokens": params.max_new_tokens,
+              "models": {name: ifeval.score(rows, texts) for name, texts in answers.items()}}
+    write_json(path, result)
+    return result
+
+
 def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
         answerers: Optional[Mapping[str, ChatClient | FreeTextModel]] = None) -> dict[str, Any]:
     """Evaluate every compared model. `judge` and `answerers` (compared-model name -> model) replace the configured
@@ -99,6 +151,7 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     if not instances_dir.exists():
         raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
     instances = read_parquet(instances_dir)
+    test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
 
     questions, question_counts = _test_questions(ctx, judge_client, instances)
     metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
@@ -107,31 +160,19 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     models, missing = compared_models(cfg, ctx.run_dir)
     given = dict(answerers or {})
     backend = answer_backend(cfg)
-    clients = {name: given[name] if name in given else ctx.connect(model, backend, f"answers {model.name}")
+    clients = {name: as_client(given[name]) if name in given else ctx.connect(model, backend, f"answers {model.name}")
                for name, model in models.items()}
     answers = collect_answers(questions, clients, answer_params(cfg), out / "answers.parquet")
     metrics.update(compared_models=len(models), missing_models=len(missing))
-
-    judge_path = out / "judge.json"
-    if judge_path.exists():
-        judged = read_json(judge_path)
-    elif len(models) < 2:
-        judged = {"skipped": f"only {list(models)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
-        write_json(judge_path, judged)
-    else:
-        params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
-                                  repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
-        result = win_rates([q["question"] for q in questions], answers, judge_client, seed=cfg.seed,
-                           max_retries=cfg.evaluate.judge_max_retries, bootstrap_samples=cfg.evaluate.bootstrap_samples,
-                           params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
-                           question_ids=[q["question_id"] for q in questions])
-        judged = {**result.to_dict(), "missing_models": missing, "smoke_test_caveat": caveat}
-        write_json(judge_path, judged)
-    if "win_rate" in judged:
-        metrics.update({f"win_rate/{m}": r for m, r in judged["win_rate"].items()})
-        metrics.update(no_majority_rate=judged["no_majority_rate"], flip_rate=judged["flip_rate"],
-                       judge_parse_failures=judged["parse_failures"])
+    metrics.update(_win_metrics("", _judge(cfg, out / "judge.json", questions, answers, judge_client, missing, caveat)))
     ctx.log_metrics(metrics)
+
+    for name, rows in test_sets:
+        folder = out / "test_sets" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        set_answers = collect_answers(rows, clients, answer_params(cfg), folder / "answers.parquet")
+        metrics.update(_win_metrics(f"{name}/", _judge(cfg, folder / "judge.json", rows, set_answers, judge_client, missing, caveat)))
+        ctx.log_metrics(metrics)
 
     diversity_path = out / "diversity.json"
     if diversity_path.exists():
@@ -146,11 +187,16 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
         scored = diversity(judge_client, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
                            sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, params=params, prompt=cfg.evaluate.diversity_prompt,
-                           retry_prompt=cfg.evaluate.diversity_retry_prompt)
+                           retry_prompt=cfg.evaluate.diversity_retry_prompt, choice_prompt=cfg.evaluate.diversity_choice_prompt)
         scored["smoke_test_caveat"] = caveat
         write_json(diversity_path, scored)
     for name, entry in scored["sources"].items():
         metrics[f"diversity_failures/{name}"] = entry["failures"]
         if "mean" in entry:
             metrics[f"diversity/{name}"] = sum(entry["mean"][d] for d in DIMENSIONS) / len(DIMENSIONS)
+    ctx.log_metrics(metrics)
+
+    if cfg.evaluate.ifeval_prompts:
+        for name, result in _ifeval(cfg, out, clients)["models"].items():
+            metrics.update({f"ifeval/{name}/{level}": result[level] for level in ifeval.LEVELS if result[level] is not None})
     return metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 Conversation = list[dict[str, str]]
 
@@ -70,6 +70,14 @@ class FreeTextClient:
 
     def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         return [Completion(text, "unknown") for text in self.model.generate(list(conversations), params)]
+
+    @property
+    def offers_choice(self) -> bool:
+        """A scripted model that also scores options (`choose`) keeps doing so behind the wrapper."""
+        return callable(getattr(self.model, "choose", None))
+
+    def choose(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[Optional[Choice]]:
+        return list(self.model.choose(list(conversations), list(options)))
 
 
 def as_client(model: ChatClient | FreeTextModel) -> ChatClient:

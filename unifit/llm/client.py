@@ -57,7 +57,8 @@ def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str
         from unifit.llm.openai import OpenAIChatModel
 
         return OpenAIChatModel(backend.url, backend.api_model or model_cfg.path or model_cfg.name, backend.api_key_env,
-                               backend.max_retries, backend.timeout_s, concurrency=backend.batch_size)
+                               backend.max_retries, backend.timeout_s, concurrency=backend.batch_size,
+                               guided_choice=backend.guided_choice)
     if backend.name == "vllm":
         from unifit.llm.vllm import VLLMChatModel
 
@@ -65,6 +66,12 @@ def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str
     from unifit.llm.hf import HFChatModel
 
     return HFChatModel(model_cfg, cache_dir, batch_size=backend.batch_size)
+
+
+def offers_choice(backend: BackendConfig) -> bool:
+    """Whether the backend can choose among options by probability: local hf weights always; an OpenAI-compatible
+    endpoint when it returns logprobs or takes vLLM's guided_choice; the vLLM engine actor not yet (free text)."""
+    return backend.name == "hf" or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
 
 
 def backend_class(name: str) -> type:
@@ -92,8 +99,9 @@ class ModelClient:
     """A model role's client: `complete` through the completion cache, misses fanned out over the pool in input order."""
 
     def __init__(self, name: str, identity: str, pool: Pool, batch_size: int, cache: Optional[CompletionCache] = None,
-                 desc: str = "generate") -> None:
+                 desc: str = "generate", offers_choice: bool = False) -> None:
         self.name = name
+        self.offers_choice = offers_choice  # `choose` reads the model's probabilities (a judge then never needs free text)
         self.identity = identity
         self.pool = pool
         self.batch_size = batch_size
@@ -161,7 +169,8 @@ class ModelClients:
             self.pools[key] = self._pool(model_cfg, backend)
             self.kinds[key] = {"hf": "model", "vllm": "engine"}.get(backend.name, "endpoint")
         cache = CompletionCache(Path(self.cache_dir) / "completions.sqlite") if backend.cache else None
-        client = ModelClient(served_name(model_cfg, backend), identity, self.pools[key], backend.batch_size, cache, desc)
+        client = ModelClient(served_name(model_cfg, backend), identity, self.pools[key], backend.batch_size, cache, desc,
+                             offers_choice=offers_choice(backend))
         self.clients.append(client)
         return client
 

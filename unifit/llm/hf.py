@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from unifit.config import ModelConfig
-from unifit.llm.base import Completion, Conversation, GenerationParams
+from unifit.llm.base import Choice, Completion, Conversation, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,24 @@ class HFChatModel:
             results.extend(self._complete_batch(conversations[start : start + self.batch_size], params))
         return results
 
+
+    def choose(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[Choice]:
+        """Pick one option per conversation by the probability of the reply being that option (never a parse failure).
+
+        Each option is scored as the start of the assistant turn; when one option is a prefix of another
+        ("1" and "10"), every option is scored with the end-of-turn token after it, so it means "exactly this".
+        """
+        from unifit.llm.choice import choice_from_logprobs, needs_terminator, score_continuations
+
+        terminator = [self.tokenizer.eos_token_id] if needs_terminator(options) and self.tokenizer.eos_token_id is not None else []
+        options_ids = [self.tokenizer(option, add_special_tokens=False)["input_ids"] + terminator for option in options]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        choices = []
+        for conversation in conversations:
+            prompt = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            choices.append(choice_from_logprobs(score_continuations(self.model, prompt_ids, options_ids, pad_id)))
+        return choices
 
     def _complete_batch(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         import torch

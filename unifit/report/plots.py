@@ -95,3 +95,21 @@ def plot_ratio_curve(series: dict[str, list[tuple[float, float, tuple[float, flo
     ax.legend(fontsize=7)
     ax.set_title("Win rate vs. selection ratio", fontsize=10)
     return _save(fig, path)
+
+
+def plot_funnel(steps: Sequence[tuple[str, int, bool]], title: str, path: Path) -> Path:
+    """The data's path as horizontal bars, top to bottom: (label, count, is_drop); drops are drawn hatched and indented."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(steps) + 0.9))
+    top = max([count for _, count, _ in steps] + [1])
+    for y, (label, count, drop) in enumerate(steps):
+        ax.barh(y, count, color="#e8a0a0" if drop else "#4c72b0", hatch="//" if drop else None, height=0.7)
+        ax.annotate(f"{count:,}", (count, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(range(len(steps)), [("    − " if drop else "") + label for label, _, drop in steps], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.18)
+    ax.set_xlabel("instructions (question–answer pairs)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return _save(fig, path)

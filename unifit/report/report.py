@@ -1,9 +1,11 @@
-"""The run report: Table 1, the concept tree, generation/filter counts, IFD histogram and Figures 3–5.
+"""The run report: results first (win rates, IFEval, diversity, Table 1, Figure 5), then the data's path.
 
 One or more finished run directories (a single run, a multi-model sweep, a ratio sweep) become one
 `report.html` and `report.md` built from the same list of sections, with every picture copied or
-drawn next to them (relative paths). Whatever a run lacks — a stage that did not run — becomes a
-visible "not run" note naming the missing file, never a crash.
+drawn next to them (relative paths). The data's path is one funnel figure per run (generated →
+filtered, by reason → deduplicated → scored → Pithy); the raw stage counters are folded into
+collapsible sections. Whatever a run lacks — a stage that did not run — becomes a visible "not run"
+note naming the missing file, never a crash.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
-from unifit.report.plots import plot_diversity_radar, plot_ratio_curve, plot_win_rates
+from unifit.report.plots import plot_diversity_radar, plot_funnel, plot_ratio_curve, plot_win_rates
 from unifit.stage import read_json
 
 log = logging.getLogger(__name__)
 
 SETTINGS: tuple[str, ...] = ("Pithy", "All", "Pithy NE", "All NE")  # Table 1 columns of the paper
 
-# A report is a list of sections; each block renders to both HTML and Markdown.
-Block = Union[tuple[str, str], tuple[str, list[str], list[list[str]]], tuple[str, str, str]]
+# A report is a list of sections; each block renders to both HTML and Markdown:
+# ("p", text), ("note", text), ("img", file, alt), ("table", header, rows), ("details", summary, header, rows).
+Block = Union[tuple[str, str], tuple[str, list[str], list[list[str]]], tuple[str, str, str], tuple[str, str, list[str], list[list[str]]]]
+REJECT_LABELS = {  # generate-stage filter counters -> what a reader understands
+    "truncated": "answer cut off at the token limit", "empty": "empty question or answer", "refusal": "answer refuses",
+    "wrong_language": "not in the prompt's language", "too_short": "answer too short", "too_long": "answer too long",
+}
 
 
 @dataclass
@@ -39,6 +46,8 @@ class RunData:
     select_report: Optional[dict[str, Any]]
     judge: Optional[dict[str, Any]]
     diversity: Optional[dict[str, Any]]
+    ifeval: Optional[dict[str, Any]] = None
+    test_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # user test set name -> its judge.json
     notes: list[str] = field(default_factory=list)
 
 
@@ -73,6 +82,9 @@ def load_run(run_dir: Path, cfg: Optional[UnifitConfig] = None) -> RunData:
         select_report=_read(run_dir / "select" / "report.json", notes),
         judge=_read(run_dir / "evaluate" / "judge.json", notes),
         diversity=_read(run_dir / "evaluate" / "diversity.json", notes),
+        ifeval=_read(run_dir / "evaluate" / "ifeval.json", notes),
+        test_sets={path.parent.name: judged for path in sorted((run_dir / "evaluate" / "test_sets").glob("*/judge.json"))
+                   if (judged := _read(path, notes)) is not None},
         notes=notes,
     )
 
@@ -143,8 +155,87 @@ def _caveats(runs: Sequence[RunData]) -> list[str]:
     return found
 
 
+def funnel_steps(run: RunData) -> list[tuple[str, int, bool]]:
+    """(label, count, is_drop) from generated pairs to the Pithy selection, from the generate/select reports; [] without them."""
+    report = run.generate_report or {}
+    steps: list[tuple[str, int, bool]] = []
+    if "leaf_generation" in report:
+        counts = report["leaf_generation"]
+        drops = [(REJECT_LABELS[key], int(counts.get(key, 0))) for key in REJECT_LABELS if counts.get(key)]
+        kept = int(counts.get("pairs_kept", 0))
+        steps.append(("question–answer pairs generated", kept + sum(n for _, n in drops), False))
+        steps += [(label, n, True) for label, n in drops]
+        steps.append(("kept by the filters", kept, False))
+        near = int((report.get("dedup") or {}).get("near_duplicates", 0))
+        steps += [("near-duplicates", near, True)] if near else []
+        steps.append(("after deduplication (training data 'All')", int(report.get("instances", kept - near)), False))
+    elif report.get("source") == "import":
+        steps.append(("imported instances", int(report.get("instances", 0)), False))
+    select = run.select_report or {}
+    if "kept" in select:
+        reasons = select.get("reasons", {})
+        steps.append(("scored by IFD", int(select.get("instances", 0)), False))
+        steps += [(label, int(reasons.get(key, 0)), True) for key, label in (
+            ("dropped_truncated", "too long to score"), ("dropped_ifd_ge_max", f"IFD ≥ {select.get('max_ifd', 1)} (answer does not help)"),
+            ("dropped_rank", "below the Pithy ratio")) if reasons.get(key)]
+        steps.append((f"Pithy (top {select.get('ratio', 0):.0%} by IFD)", int(select["kept"]), False))
+    return steps
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def _win_blocks(label: str, result: dict[str, Any], *, what: str) -> list[Block]:
+    """The win-rate table with length and length control beside it, the judge's behaviour, and position bias."""
+    models = result["models"]
+    words = result.get("mean_answer_words", {})
+    rows = [[m, _pct(result["win_rate"][m]), f"[{result['win_rate_ci'][m][0]:.1%}, {result['win_rate_ci'][m][1]:.1%}]",
+             _pct(result.get("verdict_share", {}).get(m)), _pct(result.get("length_controlled_win_rate", {}).get(m)),
+             f"{words[m]:.0f}" if m in words else "—"] for m in models]
+    rows.append(["no majority", _pct(result["no_majority_rate"]),
+                 f"[{result['no_majority_ci'][0]:.1%}, {result['no_majority_ci'][1]:.1%}]", "", "", ""])
+    method = result.get("method", "text")
+    how = ("the judge chose each verdict by its own probabilities (never unparseable)" if method == "probability" else
+           f"free-text verdicts; unparseable: {result['parse_failures']} (after {result.get('retries', 0)} re-asks)")
+    decisive = f"; decisiveness (mean probability of the chosen verdict) {result['decisiveness']:.0%}" if result.get("decisiveness") is not None else ""
+    blocks: list[Block] = [
+        ("p", f"{label}: {result['n_questions']} {what}, judge {result.get('judge', '?')}; {how}{decisive}; the three orderings "
+              f"disagree (flip) on {result['flip_rate']:.0%} of questions; missing models: {result.get('missing_models') or 'none'}."),
+        ("table", ["model", "win rate (majority of 3 orderings)", "95% CI", "verdict share", "length-controlled", "mean answer words"], rows),
+    ]
+    bias = result.get("position_bias") or {}
+    if bias:
+        k = len(models)
+        blocks.append(("table", ["ordering", *[f"position {i} wins" for i in range(1, k + 1)]],
+                       [[name, *[_pct(v) for v in shares]] for name, shares in bias.items()]))
+    return blocks
+
+
+def _ifeval_blocks(runs: Sequence[RunData]) -> list[Block]:
+    from unifit.evaluation.ifeval import LEVELS
+
+    blocks: list[Block] = []
+    for run in runs:
+        if not (run.ifeval and run.ifeval.get("models")):
+            blocks.append(("note", f"Not run ({run.label}): {run.run_dir / 'evaluate' / 'ifeval.json'} is missing "
+                                   f"(the evaluate stage has not run, or evaluate.ifeval_prompts=0)."))
+            continue
+        scored = run.ifeval["models"]
+        rows = [[f"{run.label}: {m}" if len(runs) > 1 else m, *[_pct(r[level]) for level in LEVELS]] for m, r in scored.items()]
+        first = next(iter(scored.values()))
+        unavailable = sum(first["unavailable"].values())
+        blocks.append(("p", f"{run.label}: the first {run.ifeval['n_prompts']} of Google's 541 IFEval prompts, answers of at most "
+                            f"{run.ifeval['max_new_tokens']} tokens; {first['n_instructions_scored']} instructions checked by rule. "
+                            + (f"{unavailable} instructions ({', '.join(sorted(first['unavailable']))}) need NLTK's punkt data, "
+                               f"which is not installed, and are left out ({first['n_prompts_scored']} prompts fully checked)."
+                               if unavailable else "")))
+        blocks.append(("table", ["model", "prompt-level strict", "instruction-level strict", "prompt-level loose", "instruction-level loose"], rows))
+    return blocks
+
+
 def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, list[Block]]]:
-    """All report sections; images are copied/drawn into `out_dir` and referenced by relative name."""
+    """All report sections, results first; images are copied/drawn into `out_dir` and referenced by relative name."""
     many = len(runs) > 1
     sections: list[tuple[str, list[Block]]] = []
 
@@ -156,6 +247,49 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
     overview += [("note", note) for r in runs for note in r.notes]
     sections.append(("Runs", overview))
 
+    judged = [(r.label, r.judge) for r in runs if r.judge and "win_rate" in r.judge]
+    blocks: list[Block] = []
+    if judged:
+        blocks.append(("p", "Every answer set is judged in three orderings (forward, reverse, random); a model wins a question when "
+                            "at least two verdicts name it. Verdict share counts single verdicts (probability-weighted); the "
+                            "length-controlled value is that share at equal answer length (a logistic regression of the verdict "
+                            "on the length difference, as in AlpacaEval's length control)."))
+        blocks.append(("img", plot_win_rates(judged, out_dir / "win_rates.png").name, "Figure 4: win rates"))
+        for label, result in judged:
+            blocks += _win_blocks(label, result, what="generated domain test questions")
+    for run in runs:
+        if not (run.judge and "win_rate" in run.judge):
+            reason = (run.judge or {}).get("skipped") or f"{run.run_dir / 'evaluate' / 'judge.json'} is missing (the evaluate stage has not run)"
+            blocks.append(("note", f"Not run ({run.label}): {reason}."))
+    sections.append(("Figure 4 — judge win rate", blocks))
+
+    for name in sorted({name for r in runs for name in r.test_sets}):
+        blocks = []
+        for run in runs:
+            result = run.test_sets.get(name)
+            if result and "win_rate" in result:
+                blocks += _win_blocks(run.label, result, what=f"questions of the test set {name}")
+            else:
+                blocks.append(("note", f"Not run ({run.label}): {(result or {}).get('skipped') or 'this run has no such test set'}."))
+        sections.append((f"Test set {name} — judge win rate", blocks))
+
+    sections.append(("IFEval — instruction following, scored by rules (no judge)", _ifeval_blocks(runs)))
+
+    scored = [(r.label, r.diversity) for r in runs if r.diversity and r.diversity.get("sources")]
+    blocks = []
+    if scored:
+        blocks.append(("img", plot_diversity_radar(scored, out_dir / "diversity_radar.png").name, "Figure 3: diversity"))
+        for label, result in scored:
+            dims = result["dimensions"]
+            if result.get("method") == "probability":
+                blocks.append(("p", f"{label}: each score is the expected score under the judge's probabilities over 1–10."))
+            rows = [[f"{label}: {source}", *[f"{e['mean'][d]:.2f} ± {e['std'][d]:.2f}" if "mean" in e else "—" for d in dims],
+                     str(len(e["draws"])), str(e["failures"])] for source, e in result["sources"].items()]
+            blocks.append(("table", ["source", *dims, "draws", "failed draws"], rows))
+    blocks += [("note", f"Not run ({r.label}): {r.run_dir / 'evaluate' / 'diversity.json'} is missing.")
+               for r in runs if not (r.diversity and r.diversity.get("sources"))]
+    sections.append(("Figure 3 — instruction diversity", blocks))
+
     table1: list[Block] = [("p", "Measured wall time in minutes (timings.json). select = scoring-model training + IFD scoring; "
                                  "all = select + train. The All settings train on all data and need no selection.")]
     table1.append(("table", ["model", "setting", "variant", "select (min)", "train (min)", "all (min)"],
@@ -164,56 +298,30 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
         table1 += [("note", f"Not run: {r.run_dir / 'timings.json'} is missing ({r.label}).") for r in runs if r.timings is None]
     sections.append(("Table 1 — time per model and setting", table1))
 
+    sections.append(("Figure 5 — win rate vs. Pithy ratio", _ratio_blocks(runs, out_dir)))
+
     for run in runs:
-        for title, stage, image, alt, counts, counts_header in (
-            ("Concept tree and generation", "generate", "tree.png", "concept tree", run.generate_report, "generation / filter count"),
-            ("Pithy selection (IFD)", "select", "ifd_hist.png", "IFD histogram", run.select_report, "selection count"),
-        ):
-            blocks: list[Block] = []
+        blocks = []
+        steps = funnel_steps(run)
+        if steps:
+            name = f"{_prefix(run, many)}funnel.png"
+            blocks.append(("img", plot_funnel(steps, f"From generated pairs to the Pithy selection — {run.label}", out_dir / name).name,
+                           "data funnel"))
+        else:
+            blocks.append(("note", f"Not run: {run.run_dir / 'generate' / 'report.json'} is missing (the generate stage has not run)."))
+        for stage, image, alt in (("generate", "tree.png", "concept tree"), ("select", "ifd_hist.png", "IFD histogram")):
             picture = run.run_dir / stage / image
             if picture.exists():
                 blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{image}"), alt))
             else:
                 blocks.append(("note", f"Not run: {picture} is missing (the {stage} stage has not run)."))
+        for stage, counts, header in (("generate", run.generate_report, "generation / filter count"),
+                                      ("select", run.select_report, "selection count")):
             if counts is not None:
-                blocks.append(("table", [counts_header, "value"], _flat(counts)))
+                blocks.append(("details", f"All {stage} counters ({run.run_dir / stage / 'report.json'})", [header, "value"], _flat(counts)))
             else:
                 blocks.append(("note", f"Not run: {run.run_dir / stage / 'report.json'} is missing."))
-            sections.append((title + (f" — {run.label}" if many else ""), blocks))
-
-    judged = [(r.label, r.judge) for r in runs if r.judge and "win_rate" in r.judge]
-    blocks = []
-    if judged:
-        blocks.append(("img", plot_win_rates(judged, out_dir / "win_rates.png").name, "Figure 4: win rates"))
-        for label, result in judged:
-            rows = [[m, f"{result['win_rate'][m]:.1%}", f"[{result['win_rate_ci'][m][0]:.1%}, {result['win_rate_ci'][m][1]:.1%}]"]
-                    for m in result["models"]]
-            rows.append(["no majority", f"{result['no_majority_rate']:.1%}",
-                         f"[{result['no_majority_ci'][0]:.1%}, {result['no_majority_ci'][1]:.1%}]"])
-            blocks.append(("p", f"{label}: {result['n_questions']} test questions, judge {result.get('judge', '?')}; flip rate "
-                                f"{result['flip_rate']:.1%}; unparseable verdicts {result['parse_failures']} "
-                                f"(after {result.get('retries', 0)} retries); missing models: {result.get('missing_models') or 'none'}."))
-            blocks.append(("table", ["model", "win rate", "95% CI"], rows))
-    for run in runs:
-        if not (run.judge and "win_rate" in run.judge):
-            reason = (run.judge or {}).get("skipped") or f"{run.run_dir / 'evaluate' / 'judge.json'} is missing (the evaluate stage has not run)"
-            blocks.append(("note", f"Not run ({run.label}): {reason}."))
-    sections.append(("Figure 4 — judge win rate", blocks))
-
-    scored = [(r.label, r.diversity) for r in runs if r.diversity and r.diversity.get("sources")]
-    blocks = []
-    if scored:
-        blocks.append(("img", plot_diversity_radar(scored, out_dir / "diversity_radar.png").name, "Figure 3: diversity"))
-        for label, result in scored:
-            dims = result["dimensions"]
-            rows = [[f"{label}: {source}", *[f"{e['mean'][d]:.2f} ± {e['std'][d]:.2f}" if "mean" in e else "—" for d in dims],
-                     str(len(e["draws"])), str(e["failures"])] for source, e in result["sources"].items()]
-            blocks.append(("table", ["source", *dims, "draws", "failed draws"], rows))
-    blocks += [("note", f"Not run ({r.label}): {r.run_dir / 'evaluate' / 'diversity.json'} is missing.")
-               for r in runs if not (r.diversity and r.diversity.get("sources"))]
-    sections.append(("Figure 3 — instruction diversity", blocks))
-
-    sections.append(("Figure 5 — win rate vs. Pithy ratio", _ratio_blocks(runs, out_dir)))
+        sections.append(("Data: concept tree, funnel and Pithy selection" + (f" — {run.label}" if many else ""), blocks))
     return sections
 
 
@@ -236,8 +344,15 @@ def _ratio_blocks(runs: Sequence[RunData], out_dir: Path) -> list[Block]:
 
 
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.6em 0}"
+        "details{margin:.6em 0}summary{cursor:pointer;color:#345}"
         "td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}th{background:#eee}img{max-width:100%}"
         ".not-run{color:#8a5a00;background:#fff6e0;padding:4px 8px;border-left:3px solid #e0a000}")
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
@@ -253,10 +368,10 @@ def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
                 out.append(f"<p class='not-run'>{html.escape(block[1])}</p>")
             elif kind == "img":
                 out.append(f"<p><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'></p>")
+            elif kind == "details":
+                out.append(f"<details><summary>{html.escape(block[1])}</summary>{_html_table(block[2], block[3])}</details>")
             else:
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-                body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
-                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                out.append(_html_table(block[1], block[2]))
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -275,10 +390,15 @@ def render_markdown(title: str, sections: Sequence[tuple[str, list[Block]]]) -> 
             elif kind == "img":
                 out += [f"![{block[2]}]({block[1]})", ""]
             else:
-                out.append("| " + " | ".join(cell(h) for h in block[1]) + " |")
-                out.append("|" + "---|" * len(block[1]))
-                out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block[2]]
+                header, rows = (block[2], block[3]) if kind == "details" else (block[1], block[2])
+                if kind == "details":
+                    out += [f"<details><summary>{html.escape(block[1])}</summary>", ""]
+                out.append("| " + " | ".join(cell(h) for h in header) + " |")
+                out.append("|" + "---|" * len(header))
+                out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
                 out.append("")
+                if kind == "details":
+                    out += ["</details>", ""]
     return "\n".join(out)
 
 
