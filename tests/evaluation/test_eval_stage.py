@@ -143,7 +143,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert {a["question_id"] for a in answers} == set(questions["question_id"])
     models, missing = evaluation_stage.compared_models(cfg, run_dir)
     assert models["pithy_ne"].path == str(run_dir / "finetune" / "pithy_ne" / "model") and models["pithy_ne"].source == "hub"
-    assert missing == ["all"] and sorted(name for name, _ in asked) == ["other", "pithy_ne", "smollm2_135m"]
+    assert missing == ["all"] and sorted({name for name, _ in asked}) == ["other", "pithy_ne", "smollm2_135m"]
     assert all(p.temperature == 0.0 and p.repetition_penalty == 1.2 for _, p in asked)
     assert len({p for _, p in asked if p.max_new_tokens != 40}) == 1  # identical settings for every model
     assert {p.max_new_tokens for _, p in asked} == {cfg.evaluate.answer_max_new_tokens, 40}  # 40: IFEval answers
