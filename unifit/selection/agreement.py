@@ -138,3 +138,54 @@ def plot_agreement(scorer: Sequence[dict[str, Any]], reference: Sequence[dict[st
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def distribution(rows: Sequence[dict[str, Any]], max_ifd: float = 1.0) -> dict[str, Any]:
+    """IFD distribution of scored rows: count, mean, quantiles, and how many the selection could not take."""
+    values = sorted(r["ifd"] for r in rows if not r["truncated"] and math.isfinite(r["ifd"]))
+    if not values:
+        return {"scored": 0}
+    quantile = lambda q: values[min(len(values) - 1, round(q * (len(values) - 1)))]  # noqa: E731  (nearest rank)
+    return {"scored": len(values), "truncated": sum(bool(r["truncated"]) for r in rows),
+            "mean": sum(values) / len(values), "min": values[0], "p10": quantile(0.1), "p25": quantile(0.25),
+            "median": quantile(0.5), "p75": quantile(0.75), "p90": quantile(0.9), "max": values[-1],
+            "at_or_above_max_ifd": sum(v >= max_ifd for v in values)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m unifit.selection.agreement RUN_A RUN_B [--ratio R] [--max-ifd M]`: compare two runs' full scorings.
+
+    The select stage checks its scorer on a sample; this compares every instance two runs scored (e.g. a trained and
+    an untrained scorer on the same data), and prints both IFD distributions and the agreement as JSON.
+    """
+    import argparse
+    import json
+
+    from unifit.records import read_parquet
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("run_a", type=Path, help="run directory whose score/scores/ plays the scorer")
+    parser.add_argument("run_b", type=Path, help="run directory whose score/scores/ is the reference")
+    parser.add_argument("--ratio", type=float, default=0.06, help="top fraction compared (select.ratio)")
+    parser.add_argument("--max-ifd", type=float, default=1.0)
+    parser.add_argument("--plot", type=Path, help="also draw the scatter plot here (PNG)")
+    args = parser.parse_args(argv)
+    scores = []
+    for run in (args.run_a, args.run_b):
+        folder = run / "score" / "scores"
+        if not folder.is_dir():
+            parser.error(f"{folder} does not exist: give run directories whose score stage has finished")
+        scores.append(read_parquet(folder))
+    a, b = scores
+    common = {r["id"] for r in a} & {r["id"] for r in b}
+    a, b = [r for r in a if r["id"] in common], [r for r in b if r["id"] in common]
+    stats = agreement(a, b, ratio=args.ratio, max_ifd=args.max_ifd)
+    if args.plot:
+        plot_agreement(a, b, stats, args.max_ifd, args.plot, scorer_label=str(args.run_a), reference_label=str(args.run_b))
+    print(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "ratio": args.ratio, "agreement": stats,
+                      "ifd_a": distribution(a, args.max_ifd), "ifd_b": distribution(b, args.max_ifd)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
