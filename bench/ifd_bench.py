@@ -126,6 +126,40 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = 5) ->
     return 2 * size**3 / min(timed(device, lambda: torch.matmul(a, b))[1] for _ in range(repeats))
 
 
+def cost_only(args: argparse.Namespace) -> None:
+    """Padding efficiency and FLOPs per scored answer token for a real data file, with the model's own chat template."""
+    from unifit.data_import import import_instances
+    from unifit.selection.ifd import ModelShape, conversation_examples, planned_cost
+    from unifit.templates import assistant_header_ids
+
+    if args.arch != "smollm2":
+        raise SystemExit("--cost-only needs a tokenizer: use the default --arch smollm2")
+    import os
+
+    from unifit.config import ModelConfig
+    from unifit.models import load_tokenizer
+
+    model_cfg = ModelConfig()
+    cache = os.environ.get("UNIFIT_CACHE", os.path.expanduser("~/.cache/unifit"))
+    tokenizer = load_tokenizer(model_cfg, cache)
+    with torch.device("meta"):  # sizes only: no weights are allocated
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from unifit.models import resolve_model_dir
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_dir(model_cfg, cache)))
+    instances, _ = import_instances(args.cost_only)
+    header = assistant_header_ids(tokenizer)
+    examples = [e for i in instances
+                for e in conversation_examples(tokenizer, i.messages, model_cfg.max_length, header).examples]
+    report = {"data": str(args.cost_only), "model": model_cfg.name, "instances": len(instances), "examples": len(examples)}
+    for budget in (args.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH, 32768):
+        report[f"max_tokens_per_batch={budget}"] = planned_cost(ModelShape.of(model), examples, budget).summary()
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="examples (each scored with two passes)")
@@ -139,7 +173,13 @@ def main() -> None:
     parser.add_argument("--ref-n", type=int, default=0, help="examples for the (slow) reference; 0 = the same as --n")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost-only", type=Path, metavar="DATA",
+                        help="no timing: the machine-independent cost numbers of scoring this data file (any format "
+                             "data.path takes) at --max-tokens-per-batch, from the batch plan and the model's sizes")
     args = parser.parse_args()
+    if args.cost_only:
+        cost_only(args)
+        return
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     budget = args.max_tokens_per_batch or (32768 if args.device == "cuda" else DEFAULT_TOKENS_PER_BATCH)

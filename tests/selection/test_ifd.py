@@ -159,7 +159,7 @@ def test_rejects_examples_without_header(tiny_model) -> None:
 
 def test_cost_counts_by_hand(tiny_model) -> None:
     """Padding efficiency and FLOPs per answer token, from the model's sizes and the batch plan, computed by hand."""
-    from unifit.selection.ifd import IFDCost, ModelShape
+    from unifit.selection.ifd import IFDCost, ModelShape, planned_cost
 
     config = tiny_model.config  # llama: hidden 64, intermediate 128, 2 layers, 4 heads, 2 kv heads
     d, i, layers, heads, kv = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
@@ -183,6 +183,7 @@ def test_cost_counts_by_hand(tiny_model) -> None:
                 + 2 * d * vocab * sum(p for _, p in rows))
     assert cost.flops == pytest.approx(expected)
     assert cost.reference_flops == pytest.approx(sum(flops(n, n) for n, _ in rows))
+    assert planned_cost(shape, examples, 10_000) == cost  # the same numbers without running the model
     summary = cost.summary()
     assert summary["padding_efficiency"] == pytest.approx(32 / 48)
     assert summary["flops_per_answer_token"] == pytest.approx(expected / 6)

@@ -233,6 +233,12 @@ def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
     return results
 
 
+def planned_cost(shape: ModelShape, examples: Sequence[Mapping[str, Sequence[int]]], max_tokens_per_batch: int) -> IFDCost:
+    """What `compute_ifd` would compute for `examples` (and the per-example reference), without running the model."""
+    passes = plan_passes(examples)
+    return _cost(shape, examples, passes, plan_batches([len(s) for s in passes.sequences], max_tokens_per_batch))
+
+
 def _cost(shape: ModelShape, examples: Sequence[Mapping[str, Sequence[int]]], passes: LossPasses,
           batches: Sequence[Sequence[int]]) -> IFDCost:
     cost = IFDCost(answer_tokens=sum(len(e["answer_ids"]) for e in examples))
