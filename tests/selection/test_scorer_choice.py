@@ -226,3 +226,13 @@ def test_group_by_quota_protects_a_small_group_and_is_reported(tmp_path: Path) -
         report = json.loads((tmp_path / "select" / "report.json").read_text())
         assert report["group_by"] == "kind" and report["agreement"] == {"skipped": "select.agreement_fraction=0"}
         assert report["groups"] == {"chat": {"kept": 9 - code_kept, "total": 40}, "code": {"kept": code_kept, "total": 5}}
+
+
+def test_the_command_line_composes() -> None:
+    from conftest import compose_config
+
+    cfg = compose_config(["+experiment=select_only", "data.path=mine.jsonl", "select.train_scorer=false",
+                          "+model@scorer=tiny_random", "data.group_by=category", "select.min_per_leaf=20"])
+    assert not cfg.select.train_scorer and cfg.scoring_model.name == "tiny_random" and cfg.data.group_by == "category"
+    assert pipeline.active_stages(cfg) == ["generate", "score", "select"] and cfg.checks_scorer
+    assert compose_config(["+experiment=select_only"]).train.max_steps == -1  # the scorer learns from the whole sample
