@@ -61,14 +61,14 @@ for name in ("ifd", "train", "generate"):
     result[name] = json.loads(path.read_text()) if path.exists() and not error.exists() else {"error": error.read_text() if error.exists() else "no output"}
 out.write_text(json.dumps(result, indent=2))
 
-def number(section, key, fmt):
+def number(section, key, fmt, unit=""):
     value = result[section].get(key)
-    return "failed" if "error" in result[section] else ("—" if value is None else format(value, fmt))
+    return "failed" if "error" in result[section] else ("—" if value is None else format(value, fmt) + unit)
 
 ifd, train, gen = result["ifd"], result["train"], result["generate"]
 row = [stamp, kind, ifd.get("device") or train.get("device") or "?", f"{seconds} s",
-       number("ifd", "fast_tokens_per_s", ",.0f"), number("ifd", "reference_tokens_per_s", ",.0f"), number("ifd", "speedup", ".2f") + "×",
-       number("ifd", "padding_efficiency", ".3f"), number("ifd", "reference_flops_ratio", ".2f") + "×",
+       number("ifd", "fast_tokens_per_s", ",.0f"), number("ifd", "reference_tokens_per_s", ",.0f"), number("ifd", "speedup", ".2f", "×"),
+       number("ifd", "padding_efficiency", ".3f"), number("ifd", "reference_flops_ratio", ".2f", "×"),
        number("train", "tokens_per_second", ",.0f"), number("train", "mfu", ".1%"),
        number("generate", "batched_tokens_per_s", ",.0f"), number("generate", "batch1_tokens_per_s", ",.0f"),
        f"`{out.as_posix()}`"]
