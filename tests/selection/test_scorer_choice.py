@@ -224,7 +224,8 @@ def test_group_by_quota_protects_a_small_group_and_is_reported(tmp_path: Path) -
                            select=SelectConfig(ratio=0.2, min_per_leaf=quota, agreement_fraction=0))
         run_select(StageContext(cfg, tmp_path, "select"))
         report = json.loads((tmp_path / "select" / "report.json").read_text())
-        assert report["group_by"] == "kind" and report["agreement"] == {"skipped": "select.agreement_fraction=0"}
+        assert report["group_by"] == "kind" and report["grouping"] == "data.group_by=kind"
+        assert report["agreement"] == {"skipped": "select.agreement_fraction=0"}
         assert report["groups"] == {"chat": {"kept": 9 - code_kept, "total": 40}, "code": {"kept": code_kept, "total": 5}}
 
 

@@ -23,10 +23,11 @@ def group_blocks(select_report: dict[str, Any]) -> list["Block"]:
     if not groups:
         return []
     by = select_report.get("group_by")
+    grouping = select_report.get("grouping") or (f"data.group_by={by}" if by else "concept-tree scope")
     rows = [[name, str(g["kept"]), str(g["total"]), f"{g['kept'] / g['total']:.1%}" if g["total"] else "—"]
             for name, g in sorted(groups.items())]
     lost = [name for name, g in groups.items() if g["total"] and not g["kept"]]
-    blocks: list[Block] = [("p", f"Kept / total per group ({f'data.group_by={by}' if by else 'concept-tree scope'}; "
+    blocks: list[Block] = [("p", f"Kept / total per group ({grouping}; "
                                  f"select.min_per_leaf={select_report.get('min_per_leaf', 0)})."),
                            ("table", ["group", "kept", "total", "kept %"], rows)]
     if lost:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unifit.config import ModelConfig
+from unifit.config import DataConfig, ModelConfig
 from unifit.records import read_parquet, write_instances
 from unifit.selection.pithy import coverage, plot_ifd_histogram, select_pithy
 from unifit.selection.sample import draw_sample
@@ -105,7 +105,7 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
         "ifd_min_kept": min(kept_ifd) if kept_ifd else None,
         "ifd_mean_all": sum(finite) / len(finite) if finite else None,
         "coverage_before": before, "coverage_after": after,
-        "group_by": ctx.cfg.data.group_by if ctx.cfg.data.path else None,
+        "group_by": ctx.cfg.data.group_by if ctx.cfg.data.path else None, "grouping": _grouping(ctx.cfg.data),
         "groups": {group: {"kept": after.get(group, 0), "total": total} for group, total in before.items()},
         "leaves_before": len({row["leaf_id"] for row in instances.values()}),
         "leaves_after": len({row["leaf_id"] for row in kept}),
@@ -121,6 +121,15 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
                           "agreement_seconds": check["seconds"]} if "spearman" in check else {})
     return {"instances": len(instances), "kept": len(kept), **selection.reasons,
             "leaves_before": report["leaves_before"], "leaves_after": report["leaves_after"], **agreement_metrics}
+
+
+def _grouping(data: DataConfig) -> str:
+    """What the groups of `groups`/`coverage_*` are, in words for the report."""
+    if not data.path:
+        return "concept-tree scope"
+    if data.group_by:
+        return f"data.group_by={data.group_by}"
+    return "the imported file's leaf_id/category column (one group for the file without it)"
 
 
 def _check_scorer(ctx: StageContext, instances: list[dict[str, Any]], scores: list[dict[str, Any]]) -> dict[str, Any]:
