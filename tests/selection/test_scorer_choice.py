@@ -142,9 +142,14 @@ def test_untrained_scorer_and_the_check_on_tiny_models(ray_local, tmp_path: Path
     from unifit.models import load_model, load_tokenizer
     from unifit.selection.ifd import score_conversations
 
+    from unifit.models import resolve_model_dir
+
     rows = conversations(12)
     write_instances(rows, tmp_path / "generate" / "instances" / "shard-00000.parquet")
-    scorer, tuned = tiny_model_config("llama"), tiny_model_config("qwen2")
+    # the scorer is a local model directory, as a scorer trained in an earlier run is given
+    earlier = resolve_model_dir(tiny_model_config("llama"), cache_dir)
+    scorer = ModelConfig(name="earlier_scorer", source="hub", path=str(earlier), max_length=512)
+    tuned = tiny_model_config("qwen2")
     cfg = UnifitConfig(model=tuned, scorer=scorer, cluster=ClusterConfig(scoring_actors=1),
                        select=SelectConfig(train_scorer=False, ratio=0.25, max_ifd=10.0, score_shard_size=5))
     counts = run_score(StageContext(cfg, tmp_path, "score"))  # no train_scorer/ directory: the scorer as configured
