@@ -81,5 +81,7 @@ def test_compare_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     printed = json.loads(capsys.readouterr().out)
     assert printed["agreement"]["spearman"] == pytest.approx(-1.0) and printed["agreement"]["top_overlap"] == 0.0
     assert printed["ifd_a"]["max"] == 0.4 and (tmp_path / "s.png").stat().st_size > 5000
+    assert compare_main([str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["ifd_a"]["scored"] == 4
     with pytest.raises(SystemExit):
         compare_main([str(tmp_path / "a"), str(tmp_path / "missing")])

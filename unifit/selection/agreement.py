@@ -153,10 +153,11 @@ def distribution(rows: Sequence[dict[str, Any]], max_ifd: float = 1.0) -> dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m unifit.selection.agreement RUN_A RUN_B [--ratio R] [--max-ifd M]`: compare two runs' full scorings.
+    """`python -m unifit.selection.agreement RUN_A [RUN_B] [--ratio R] [--max-ifd M]`: compare two runs' scorings.
 
     The select stage checks its scorer on a sample; this compares every instance two runs scored (e.g. a trained and
-    an untrained scorer on the same data), and prints both IFD distributions and the agreement as JSON.
+    an untrained scorer on the same data; a run still scoring counts with the instances it has finished), and prints
+    both IFD distributions and the agreement as JSON. With one run, its IFD distribution alone.
     """
     import argparse
     import json
@@ -165,17 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("run_a", type=Path, help="run directory whose score/scores/ plays the scorer")
-    parser.add_argument("run_b", type=Path, help="run directory whose score/scores/ is the reference")
+    parser.add_argument("run_b", type=Path, nargs="?", help="run directory whose score/scores/ is the reference")
     parser.add_argument("--ratio", type=float, default=0.06, help="top fraction compared (select.ratio)")
     parser.add_argument("--max-ifd", type=float, default=1.0)
     parser.add_argument("--plot", type=Path, help="also draw the scatter plot here (PNG)")
     args = parser.parse_args(argv)
     scores = []
-    for run in (args.run_a, args.run_b):
+    for run in (args.run_a, args.run_b) if args.run_b else (args.run_a,):
         folder = run / "score" / "scores"
         if not folder.is_dir():
-            parser.error(f"{folder} does not exist: give run directories whose score stage has finished")
+            parser.error(f"{folder} does not exist: give run directories whose score stage has run")
         scores.append(read_parquet(folder))
+    if not args.run_b:
+        print(json.dumps({"a": str(args.run_a), "ifd_a": distribution(scores[0], args.max_ifd)}, indent=2))
+        return 0
     a, b = scores
     common = {r["id"] for r in a} & {r["id"] for r in b}
     a, b = [r for r in a if r["id"] in common], [r for r in b if r["id"] in common]
