@@ -241,4 +241,5 @@ def test_the_command_line_composes() -> None:
                           "+model@scorer=tiny_random", "data.group_by=category", "select.min_per_leaf=20"])
     assert not cfg.select.train_scorer and cfg.scoring_model.name == "tiny_random" and cfg.data.group_by == "category"
     assert pipeline.active_stages(cfg) == ["generate", "score", "select"] and cfg.checks_scorer
-    assert compose_config(["+experiment=select_only"]).train.max_steps == -1  # the scorer learns from the whole sample
+    plain = compose_config(["+experiment=select_only"])
+    assert plain.train.max_steps == -1 and plain.select.ratio == 0.06  # a real selection, not the demo's toy settings
