@@ -1,6 +1,7 @@
 """Generation throughput: a model client over Ray actors (batched, left-padded) vs one prompt at a time, same run, same prompts.
 
     python bench/gen_bench.py [--n 48] [--n-seq 8] [--max-new-tokens 48] [--actors 2] [--batch-size 8]
+    python bench/gen_bench.py --arch llama7b --device cuda --n 64 --batch-size 32 --n-seq 4   # no Ray: `arch_bench`
 
 Model: the embedded SmolLM2-135M-Instruct (ModelConfig() default). Baseline: HFChatModel with batch
 size 1 in this process (torch uses every core) on the first `n-seq` prompts (a rate, so a subset keeps the
@@ -18,6 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +30,60 @@ TOPICS = ["SPF records", "DKIM signatures", "DMARC policies", "open mail relays"
           "email header forensics", "key rotation", "revocation lists", "route leaks", "rate limiting"]
 
 
+def arch_bench(args: argparse.Namespace) -> dict:
+    """Batched HF `generate` (left-padded) against batch 1, on a random-weight `--arch` model, no Ray.
+
+    Prompts are random token ids of 32-256 tokens; every completion is exactly max_new_tokens long (EOS is
+    suppressed by min_new_tokens), so both sides decode the same number of tokens per prompt. Greedy decoding.
+    """
+    import json
+    import random
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from archs import build_llama
+
+    cuda = args.device == "cuda"
+    model = build_llama(args.arch, args.device, torch.bfloat16 if cuda else torch.float32).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(32, 256))] for _ in range(args.n)]
+
+    def generate(batch: list[list[int]]) -> int:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                             min_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
+        return int(out.shape[0] * (out.shape[1] - width))
+
+    def timed(fn: Any) -> tuple[int, float]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+    with torch.inference_mode():
+        generate(prompts[:2])  # warm-up
+        batched_tokens, batched_s = timed(lambda: sum(generate(prompts[i : i + args.batch_size])
+                                                      for i in range(0, len(prompts), args.batch_size)))
+        single_tokens, single_s = timed(lambda: sum(generate([p]) for p in prompts[: args.n_seq]))
+    report = {"arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "dtype": "bfloat16" if cuda else "float32", "prompts": args.n, "batch_size": args.batch_size,
+              "max_new_tokens": args.max_new_tokens, "batched_tokens": batched_tokens, "batched_seconds": batched_s,
+              "batched_tokens_per_s": batched_tokens / batched_s, "batch1_prompts": args.n_seq,
+              "batch1_tokens": single_tokens, "batch1_seconds": single_s, "batch1_tokens_per_s": single_tokens / single_s,
+              "speedup": (batched_tokens / batched_s) / (single_tokens / single_s)}
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=48, help="prompts for the Ray run")
@@ -35,7 +91,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--arch", choices=["llama7b", "tiny"], default=None,
+                        help="instead: plain batched HF generate on this random-weight architecture, no Ray (see arch_bench)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="--arch runs only")
+    parser.add_argument("--json-out", type=Path, help="--arch runs: also write the report to this file")
     args = parser.parse_args()
+    if args.arch:
+        arch_bench(args)
+        return
 
     import ray
 

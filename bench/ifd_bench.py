@@ -10,6 +10,7 @@ measured in the same process.
     python bench/ifd_bench.py --n 64                                  # CPU, embedded SmolLM2-135M (fp32)
     python bench/ifd_bench.py --n 64 --turns 2                        # CPU, two-turn conversations
     python bench/ifd_bench.py --device cuda --arch llama7b --n 256    # GPU, 7B LLaMA architecture, random bf16 weights
+    python bench/ifd_bench.py --arch tiny --n 16 --repeats 1          # CPU check of the GPU command (toy LLaMA)
 
 Data are synthetic token ids whose lengths follow instruction data (prompt 20-240, answer 20-240 tokens,
 follow-up questions 10-60 tokens with --turns > 1); speed does not depend on which tokens they are.
@@ -17,6 +18,10 @@ Throughput is measured on the workload the reference processes (context + header
 example) for both; FLOP/s counts the tokens each one actually ran through the model (with several turns
 `compute_ifd` runs a conversation's conditioned pass once, so it processes fewer). Both score the same
 examples unless --ref-n is smaller.
+
+Alongside wall time it reports what does not depend on the machine: padding efficiency (real tokens / computed
+positions) and matmul FLOPs per scored answer token, against the reference's on the same examples
+(`unifit.selection.ifd.IFDCost`).
 
 A shared machine's speed drifts (this 2-core box: 130-180 GFLOP/s for the same matmul a few seconds apart),
 so the two alternate --repeats times and each keeps its fastest run; every run's time is printed too.
@@ -36,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lent GPU machine runs the repo copy uninstalled
 
-from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH, compute_ifd, plan_passes
+from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH, IFDCost, compute_ifd, plan_passes
 
 
 def build_model(arch: str, device: str, dtype: torch.dtype) -> Any:
@@ -48,13 +53,10 @@ def build_model(arch: str, device: str, dtype: torch.dtype) -> Any:
 
         cache = os.environ.get("UNIFIT_CACHE", os.path.expanduser("~/.cache/unifit"))
         model = load_model(ModelConfig(), cache)
-    else:  # llama7b: LLaMA-2-7B shapes, random weights (no download needed to measure speed)
-        from transformers import AutoModelForCausalLM, LlamaConfig
+    else:  # llama7b: LLaMA-2-7B shapes (tiny: the same family, toy size), random weights: no download to measure speed
+        from archs import build_llama
 
-        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = build_llama(arch, device, dtype)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -124,18 +126,60 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = 5) ->
     return 2 * size**3 / min(timed(device, lambda: torch.matmul(a, b))[1] for _ in range(repeats))
 
 
+def cost_only(args: argparse.Namespace) -> None:
+    """Padding efficiency and FLOPs per scored answer token for a real data file, with the model's own chat template."""
+    from unifit.data_import import import_instances
+    from unifit.selection.ifd import ModelShape, conversation_examples, planned_cost
+    from unifit.templates import assistant_header_ids
+
+    if args.arch != "smollm2":
+        raise SystemExit("--cost-only needs a tokenizer: use the default --arch smollm2")
+    import os
+
+    from unifit.config import ModelConfig
+    from unifit.models import load_tokenizer
+
+    model_cfg = ModelConfig()
+    cache = os.environ.get("UNIFIT_CACHE", os.path.expanduser("~/.cache/unifit"))
+    tokenizer = load_tokenizer(model_cfg, cache)
+    with torch.device("meta"):  # sizes only: no weights are allocated
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from unifit.models import resolve_model_dir
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_dir(model_cfg, cache)))
+    instances, _ = import_instances(args.cost_only)
+    header = assistant_header_ids(tokenizer)
+    examples = [e for i in instances
+                for e in conversation_examples(tokenizer, i.messages, model_cfg.max_length, header).examples]
+    report = {"data": str(args.cost_only), "model": model_cfg.name, "instances": len(instances), "examples": len(examples)}
+    for budget in (args.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH, 32768):
+        report[f"max_tokens_per_batch={budget}"] = planned_cost(ModelShape.of(model), examples, budget).summary()
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="examples (each scored with two passes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--arch", default="smollm2", choices=["smollm2", "llama7b"])
+    parser.add_argument("--arch", default="smollm2", choices=["smollm2", "llama7b", "tiny"],
+                        help="tiny: a toy LLaMA, to check the GPU command end to end on a CPU")
+    parser.add_argument("--json-out", type=Path, help="also write the report to this file")
     parser.add_argument("--max-tokens-per-batch", type=int, default=0,
                         help=f"0: {DEFAULT_TOKENS_PER_BATCH} on CPU, 32768 on GPU")
     parser.add_argument("--turns", type=int, default=1, help="assistant turns per synthetic conversation")
     parser.add_argument("--ref-n", type=int, default=0, help="examples for the (slow) reference; 0 = the same as --n")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost-only", type=Path, metavar="DATA",
+                        help="no timing: the machine-independent cost numbers of scoring this data file (any format "
+                             "data.path takes) at --max-tokens-per-batch, from the batch plan and the model's sizes")
     args = parser.parse_args()
+    if args.cost_only:
+        cost_only(args)
+        return
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     budget = args.max_tokens_per_batch or (32768 if args.device == "cuda" else DEFAULT_TOKENS_PER_BATCH)
@@ -155,8 +199,10 @@ def main() -> None:
     peaks = [matmul_peak(args.device, dtype, size)]
     fast_runs: list[tuple[float, float]] = []
     ref_runs: list[tuple[float, float]] = []
-    for _ in range(args.repeats):
-        fast, *fast_times = timed(args.device, lambda: compute_ifd(model, examples, max_tokens_per_batch=budget))
+    cost = IFDCost()  # machine-independent: what the batched path computes against the per-example reference
+    for repeat in range(args.repeats):
+        counted = cost if repeat == 0 else None
+        fast, *fast_times = timed(args.device, lambda: compute_ifd(model, examples, max_tokens_per_batch=budget, cost=counted))
         (ref, ref_loop_seconds), *ref_times = timed(args.device, lambda: reference_ifd(model, ref_examples))
         fast_runs.append(tuple(fast_times))
         ref_runs.append((*ref_times, ref_loop_seconds))
@@ -186,8 +232,11 @@ def main() -> None:
         "reference_fraction_of_peak": round(2 * params * ref_tps / peak, 3),
         "reference_forwards_only_fraction_of_peak": round(2 * params * ref_forwards_tps / peak, 3),
         "max_abs_ifd_diff_vs_reference": max(abs(f.ifd - r) for f, r in zip(fast, ref)),
+        **{key: round(value, 4) if key == "padding_efficiency" else value for key, value in cost.summary().items()},
     }
     print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ run would, so both pay the same cold start (first-touch page faults, optimizer s
     python bench/train_bench.py --model smollm2_135m  # the embedded 135M model (slower)
 
 GPU (no Ray: the lent GPU machine has no Ray wheel): one process, a 7B-architecture model with random weights
-in bf16 (no download), DeepSpeed ZeRO-2 with the same DeepSpeed config, collation and packing as the workers;
-prints tokens/s and MFU = 6 * N * tokens/s / peak bf16 FLOP/s.
+in bf16 (no download), DeepSpeed ZeRO-2 with the same DeepSpeed config (or `--engine torch`: plain AdamW), the
+workers' collation, packing and NEFTune hook, activation checkpointing; prints tokens/s and
+MFU = 6 * N * tokens/s / peak bf16 FLOP/s.
 
-    python bench/train_bench.py --device cuda --arch llama7b [--peak-tflops 989] [--offload-optimizer]
+    python bench/train_bench.py --device cuda --arch llama7b [--engine torch] [--peak-tflops 989] [--offload-optimizer]
+    python bench/train_bench.py --device cpu --arch tiny --engine torch --steps 1   # the same path on a CPU, toy size
 """
 
 from __future__ import annotations
@@ -149,70 +151,110 @@ def cpu_bench(args: argparse.Namespace) -> None:
     print(f"Ray+DeepSpeed packed vs HF Trainer padded: {packed / hf:.2f}x")
 
 
-def gpu_bench(args: argparse.Namespace) -> None:
-    """7B-architecture random-init bf16 model, DeepSpeed ZeRO-2, packed rows of max_length tokens."""
-    import deepspeed
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def arch_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """A random-weight `--arch` model (bf16 on CUDA), packed rows of max_length tokens, activation checkpointing, NEFTune.
 
-    from unifit.config import DeepSpeedConfig, TrainConfig
+    Runs in one process, no Ray. `--engine deepspeed` trains through DeepSpeed ZeRO-2 with the workers' DeepSpeed
+    config; `--engine torch` through plain torch AdamW (fused on CUDA), for a machine with only torch and transformers.
+    The NEFTune hook, packing collation and segment attention are the training workers' own (unifit.training).
+    """
+    import torch
+
+    from archs import build_llama
     from unifit.training.attention import attention_for
     from unifit.training.data import collate, model_inputs
-    from unifit.training.sft import _flash_attn_available, deepspeed_config
+    from unifit.training.neftune import NEFTuneHook
+    from unifit.training.sft import _flash_attn_available
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl")
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    attn, mask_mode = attention_for(packing=True, flash=_flash_attn_available())
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    attn, mask_mode = attention_for(packing=True, flash=cuda and _flash_attn_available())
+    model = build_llama(args.arch, args.device, dtype, attn_implementation=attn)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     params = sum(p.numel() for p in model.parameters())
-    train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, learning_rate=1e-5)
-    ds_config = deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=args.offload_optimizer), train, 1, bf16=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    neftune = NEFTuneHook(args.neftune_alpha, generator=torch.Generator(device=args.device).manual_seed(0))
+    neftune.attach(model)
+    if args.engine == "deepspeed":
+        import deepspeed
 
+        from unifit.config import DeepSpeedConfig, TrainConfig
+        from unifit.training.sft import deepspeed_config
+
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, learning_rate=1e-5)
+        ds_config = deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=args.offload_optimizer), train, 1, bf16=cuda)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        forward, backward, step = engine, engine.backward, engine.step
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+        forward, backward = model, lambda loss: loss.backward()
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    vocab = model.config.vocab_size
     generator = random.Random(0)
+
     def packed_batch() -> dict[str, Any]:
         rows = []
         for _ in range(args.batch):
             ids, positions = [], []
             while len(ids) < args.max_length:
                 size = min(generator.randint(64, 1024), args.max_length - len(ids))
-                ids.extend(generator.randrange(32000) for _ in range(size))
+                ids.extend(generator.randrange(vocab) for _ in range(size))
                 positions.extend(range(size))
             rows.append({"input_ids": ids, "labels": ids, "position_ids": positions})
         return collate(rows, 0, packed=True, mask_mode=mask_mode)
 
-    engine.train()
-    tokens, seconds = 0, 0.0
-    for step in range(args.warmup + args.steps):
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    model.train()
+    tokens, seconds, losses = 0, 0.0, []
+    for index in range(args.warmup + args.steps):
         batch = packed_batch()
-        torch.cuda.synchronize()
+        inputs = model_inputs(batch, args.device)
+        neftune.attention_mask = batch["attention_mask"].to(args.device)  # as the training workers set it
+        neftune.segment_ids = batch["segment_ids"].to(args.device) if "segment_ids" in batch else None
+        sync()
         start = time.perf_counter()
-        loss = engine(**model_inputs(batch, "cuda")).loss
-        engine.backward(loss)
-        engine.step()
-        torch.cuda.synchronize()
-        if step >= args.warmup:
+        loss = forward(**inputs).loss
+        backward(loss)
+        step()
+        sync()
+        losses.append(float(loss.detach()))
+        if index >= args.warmup:
             seconds += time.perf_counter() - start
             tokens += int(batch["attention_mask"].sum())
     tokens_per_second = tokens / seconds
-    mfu = 6 * params * tokens_per_second / (args.peak_tflops * 1e12)
-    print(json.dumps({"arch": args.arch, "params": params, "attn": attn, "micro_batch": args.batch, "seq_len": args.max_length,
-                      "offload_optimizer": args.offload_optimizer, "tokens_per_second": tokens_per_second, "mfu": mfu,
-                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name()}, indent=2))
+    report = {"arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
+              "engine": args.engine, "params": params, "attn": attn, "neftune_alpha": args.neftune_alpha, "packing": True,
+              "gradient_checkpointing": True, "micro_batch": args.batch, "seq_len": args.max_length,
+              "timed_steps": args.steps, "tokens": tokens, "seconds": seconds, "losses": losses,
+              "offload_optimizer": args.offload_optimizer, "tokens_per_second": tokens_per_second,
+              "peak_tflops": args.peak_tflops, "mfu": 6 * params * tokens_per_second / (args.peak_tflops * 1e12),
+              "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    print(json.dumps(report, indent=2))
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", default="tiny_random", help="conf/model/<name>.yaml for the CPU runs")
-    parser.add_argument("--arch", choices=["llama7b"], default="llama7b", help="GPU: the architecture built from its config")
+    parser.add_argument("--arch", choices=["llama7b", "tiny"], default=None,
+                        help="train this random-weight architecture in one process (default on cuda: llama7b); "
+                             "tiny on cpu checks the GPU command end to end")
+    parser.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
+                        help="--arch runs: DeepSpeed ZeRO-2, or plain torch AdamW (a machine without DeepSpeed)")
+    parser.add_argument("--neftune-alpha", type=float, default=5.0, help="--arch runs: NEFTune noise (0 = off)")
+    parser.add_argument("--json-out", type=Path, help="--arch runs: also write the report to this file")
     parser.add_argument("--conversations", type=int, default=48, help="CPU: one epoch over them per run")
     parser.add_argument("--steps", type=int, default=10, help="GPU: timed steps")
     parser.add_argument("--batch", type=int, default=4, help="micro batch = global batch (one worker, no accumulation)")
@@ -223,8 +265,12 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
     parser.add_argument("--offload-optimizer", action="store_true", help="GPU: ZeRO-2 optimizer state in CPU memory (7B AdamW on one 80 GB GPU)")
     args = parser.parse_args()
-    if args.device == "cuda":
-        gpu_bench(args)
+    if args.device == "cuda" and args.arch is None:
+        args.arch = "llama7b"
+    if args.arch:
+        report = arch_bench(args)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
     else:
         cpu_bench(args)
 

@@ -7,13 +7,14 @@
 #
 # One generation and one selection for all models: every job names the same generator (+model@generator)
 # and scoring base (+model@scorer) and the same content-addressed store (shared_dir=$runs/shared), so
-# generate, sample, train_scorer, score and select have equal fingerprints in every run.
+# generate, sample, train_scorer and score (and select, without the scorer check) have equal fingerprints in every run.
 #   1. A GPU job runs those five stages once (run directory <runs>/<experiment>-shared; outputs in
 #      <runs>/shared/<stage>/<fingerprint>): the data set with its Self-Instruct baseline, one scoring model,
 #      the IFD of every instance, the Pithy subset.
 #   2. One GPU job per model, each starting after job 1 succeeded (afterok), runs all stages with `model=`
-#      that model: generate..select are found finished in the store and linked into its run directory
-#      (timings.json marks them shared), so only finetune, evaluate and report run.
+#      that model: generate..score (and select with select.agreement_fraction=0) are found finished in the store and
+#      linked into its run directory (timings.json marks them shared); select reruns to check the shared scorer
+#      against this model on a small sample (same Pithy subset), then finetune, evaluate and report run.
 #   3. A CPU job runs `python -m unifit.report` over the model runs once they have all ended (Table 1 +
 #      Figures 3-5 in one report).
 #

@@ -129,28 +129,35 @@ def test_shared_dir_computes_common_stages_once(tmp_path: Path, recorder: Record
 
 
 SHARED_STAGES = ["generate", "sample", "train_scorer", "score", "select"]
+NO_CHECK = SelectConfig(agreement_fraction=0)  # without the scorer check, select does not read the base model
 PER_MODEL_STAGES = ["finetune", "evaluate", "report"]
 
 
 def test_fingerprints_follow_generator_and_scorer_not_the_base_model() -> None:
     writer, scorer = ModelConfig(name="writer"), ModelConfig(name="scorer")
-    prints = {name: pipeline.stage_fingerprints(UnifitConfig(model=ModelConfig(name=name), generator=writer, scorer=scorer))
+    prints = {name: pipeline.stage_fingerprints(UnifitConfig(model=ModelConfig(name=name), generator=writer, scorer=scorer,
+                                                             select=NO_CHECK))
               for name in ("a", "b")}
     assert all(prints["a"][s] == prints["b"][s] for s in SHARED_STAGES)
     assert all(prints["a"][s] != prints["b"][s] for s in PER_MODEL_STAGES)
+    # the scorer check compares the shared scorer with each run's own model: select is then per model, scoring still shared
+    checked = {name: pipeline.stage_fingerprints(UnifitConfig(model=ModelConfig(name=name), generator=writer, scorer=scorer))
+               for name in ("a", "b")}
+    assert [checked["a"][s] == checked["b"][s] for s in SHARED_STAGES] == [True, True, True, True, False]
     # unset = the base model, resolved before hashing: naming it explicitly changes nothing
     model = ModelConfig(name="a")
     assert pipeline.stage_fingerprints(UnifitConfig(model=model)) == \
         pipeline.stage_fingerprints(UnifitConfig(model=model, generator=model, scorer=model))
-    other_scorer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=writer, scorer=model))
+    other_scorer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=writer, scorer=model, select=NO_CHECK))
     assert [other_scorer[s] == prints["a"][s] for s in STAGES] == [True, True] + [False] * 6
-    other_writer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=model, scorer=scorer))
+    other_writer = pipeline.stage_fingerprints(UnifitConfig(model=model, generator=model, scorer=scorer, select=NO_CHECK))
     assert all(other_writer[s] != prints["a"][s] for s in STAGES)
 
 
 def test_shared_dir_gives_models_one_generation_and_one_selection(tmp_path: Path, recorder: Recorder) -> None:
     """slurm/sweep.sh: a job runs generate..select into the store and ends; each model's job starts after it."""
-    shared = dict(shared_dir=str(tmp_path / "shared"), generator=ModelConfig(name="writer"), scorer=ModelConfig(name="scorer"))
+    shared = dict(shared_dir=str(tmp_path / "shared"), generator=ModelConfig(name="writer"), scorer=ModelConfig(name="scorer"),
+                  select=NO_CHECK)
     pipeline.run(make_cfg(tmp_path / "shared_run", model=ModelConfig(name="a"), stages=SHARED_STAGES, **shared))
     assert recorder.calls == SHARED_STAGES
     for name in ("a", "b"):

@@ -171,10 +171,15 @@ class DataConfig:
     path: Optional[str] = None  # Alpaca JSON/JSONL, ShareGPT/OpenAI messages JSONL, or parquet; None = use the generate stage
     format: str = "auto"  # auto | alpaca | sharegpt | messages | parquet
     lenient: bool = False  # skip malformed rows (counted in the report) instead of stopping with file:line
+    # a string column of the file (e.g. category) whose values become the groups that select.min_per_leaf protects and
+    # the coverage report counts; None = the row's `leaf_id`/`category` if present, else one group for the whole file
+    group_by: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.format in ("auto", "alpaca", "sharegpt", "messages", "parquet"), "data.format",
                f"got {self.format!r}; use auto, alpaca, sharegpt, messages or parquet")
+        _check(self.group_by is None or bool(self.group_by.strip()), "data.group_by",
+               "must name a column of the data file (e.g. data.group_by=category), or be null")
 
 
 @dataclass
@@ -197,6 +202,16 @@ class SelectConfig:
     min_per_leaf: int = 0  # quota so no branch of the tree vanishes
     max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH  # IFD scorer token budget per forward (CPU-sized; raise it on GPUs)
     score_shard_size: int = 256  # instances per IFD score shard (the unit of resume; one Ray Data row)
+    # true: the paper's scorer, `scorer` (else `model`) SFT'd on the sample first. false: score with `scorer` exactly as
+    # configured (an off-the-shelf small model as in Superfiltering, a scorer trained in an earlier run given as a local
+    # directory, or the base model itself); the sample and train_scorer stages are then skipped
+    train_scorer: bool = True
+    # When the scorer is not the model being tuned, this fraction of the instances (at most agreement_max_instances, at
+    # least 50 or all: a rank correlation of fewer is noise) is also scored by `model`, to measure whether the two would
+    # select the same data (Spearman, top-`ratio` overlap, scatter plot in select/); 0 = off
+    agreement_fraction: float = 0.02
+    agreement_max_instances: int = 2000
+    agreement_seed: int = 0
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio <= 1, "select.ratio", f"got {self.ratio}; a fraction in (0, 1], e.g. 0.06 for 6%")
@@ -204,6 +219,9 @@ class SelectConfig:
         _check(self.min_per_leaf >= 0, "select.min_per_leaf", "must be >= 0")
         _check(self.max_tokens_per_batch >= 64, "select.max_tokens_per_batch", "must be >= 64")
         _check(self.score_shard_size >= 1, "select.score_shard_size", "must be >= 1")
+        _check(0 <= self.agreement_fraction <= 1, "select.agreement_fraction",
+               f"got {self.agreement_fraction}; a fraction in [0, 1] (0 turns the scorer check off)")
+        _check(self.agreement_max_instances >= 1, "select.agreement_max_instances", "must be >= 1 (agreement_fraction=0 turns the check off)")
 
 
 @dataclass
@@ -348,7 +366,7 @@ class UnifitConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # subset to run, in pipeline order
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model fine-tuned into `variants` and compared as "native"
     generator: Optional[ModelConfig] = None  # writes the concept tree, instances and Self-Instruct baseline (+model@generator=NAME); None = `model`. One generator for several models makes their generate stages equal, so shared_dir computes it once
-    scorer: Optional[ModelConfig] = None  # base of the IFD scoring model, trained on the sample by train_scorer and used by score (+model@scorer=NAME); None = `model`. One scorer for several models gives them one shared selection
+    scorer: Optional[ModelConfig] = None  # the IFD scoring model's base, trained on the sample by train_scorer (or, with select.train_scorer=false, the scorer itself) (+model@scorer=NAME); None = `model`. One scorer for several models gives them one shared selection
     judge: Optional[ModelConfig] = None  # None = judge with `model` (smoke test only)
     judge_backend: Optional[BackendConfig] = None  # None = same as `backend` (e.g. openai for GPT-4 while generating with vllm)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -370,6 +388,8 @@ class UnifitConfig:
         _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
         names = [v.name for v in self.variants]
         _check(len(set(names)) == len(names), "variants", f"variant names must be distinct, got {names}")
+        _check(self.data.group_by is None or bool(self.data.path), "data.group_by",
+               "groups the rows of an imported file; set data.path too (generated data are grouped by their concept tree)")
 
     @property
     def generation_model(self) -> ModelConfig:
@@ -378,8 +398,18 @@ class UnifitConfig:
 
     @property
     def scoring_model(self) -> ModelConfig:
-        """The base the IFD scoring model is trained from: `scorer`, else the base model."""
+        """The base the IFD scoring model is trained from (or, untrained, the scorer): `scorer`, else the base model."""
         return self.scorer or self.model
+
+    @property
+    def scorer_is_tuned_model(self) -> bool:
+        """True when IFD comes from the very model being tuned (untrained scorer equal to `model`): nothing to check it against."""
+        return not self.select.train_scorer and to_container(self.scoring_model) == to_container(self.model)
+
+    @property
+    def checks_scorer(self) -> bool:
+        """The select stage also scores a sample with `model` when the scorer is another model and the check is on."""
+        return self.select.agreement_fraction > 0 and not self.scorer_is_tuned_model
 
 
 def register_configs() -> None:

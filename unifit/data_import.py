@@ -99,7 +99,20 @@ PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _openai}
 FORMAT_KEYS = {"alpaca": "instruction", "sharegpt": "conversations", "messages": "messages"}
 
 
-def _instance(row: Any, fmt: str, default_leaf: str, stem: str) -> Instance:
+def _group(row: dict[str, Any], group_by: str) -> str:
+    """The row's value of the `data.group_by` column: a non-empty string, else a RowError saying what to fix."""
+    if group_by not in row or row[group_by] is None:
+        raise RowError("missing_group", f"data.group_by={group_by}: the row has no '{group_by}' field (found "
+                       f"{sorted(row)[:8]}); give every row a '{group_by}' string, or choose another column for data.group_by")
+    value = row[group_by]
+    if not isinstance(value, str) or not value.strip():
+        shown = json.dumps(value, default=str)[:40]
+        raise RowError("bad_group", f"data.group_by={group_by}: '{group_by}' must be a non-empty string naming the row's "
+                       f"group, got {type(value).__name__} {shown}; write it as a JSON string (e.g. \"code\")")
+    return value
+
+
+def _instance(row: Any, fmt: str, default_leaf: str, stem: str, group_by: str | None = None) -> Instance:
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}; each record must be an "
                        'object such as {"instruction": ..., "output": ...}')
@@ -112,7 +125,7 @@ def _instance(row: Any, fmt: str, default_leaf: str, stem: str) -> Instance:
         validate_messages(messages, "messages")
     except MessagesError as error:
         raise RowError(error.reason, str(error)) from None
-    category = row.get("leaf_id") or row.get("category")
+    category = _group(row, group_by) if group_by else (row.get("leaf_id") or row.get("category"))
     concept_path = [stem, str(category)] if category else [stem]
     generator = row.get("generator") if isinstance(row.get("generator"), str) else "unknown"
     return Instance(messages=messages, leaf_id=str(category) if category else default_leaf, concept_path=concept_path,
@@ -181,11 +194,14 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         yield index, "", row
 
 
-def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False) -> tuple[list[Instance], dict[str, Any]]:
+def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False,
+                     group_by: str | None = None) -> tuple[list[Instance], dict[str, Any]]:
     """Instances from a user file, and a report {path, format, rows, imported, skipped{reason: n}, duplicates, errors}.
 
-    fmt: auto (by extension and per-row keys) | alpaca | sharegpt | messages | parquet. Rows without a
-    `leaf_id`/`category` column share one leaf named after the file (a hash of its name); duplicates
+    fmt: auto (by extension and per-row keys) | alpaca | sharegpt | messages | parquet. `group_by` names the column
+    whose (string) value is each row's group, i.e. its leaf for select.min_per_leaf and its scope in the coverage
+    report; a row without it is a row error. Without `group_by`, rows without a `leaf_id`/`category` column share one
+    leaf named after the file (a hash of its name); duplicates
     (same conversation, hence same id) are kept once and counted. A user `id` field that names two different
     conversations is a row error (`duplicate_id`, the later row): one of them was mislabelled.
     """
@@ -218,7 +234,7 @@ def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False)
                                "(e.g. `iconv -f latin1 -t utf-8`)")
             if isinstance(value, RowError):
                 raise value
-            instance = _instance(value, row_fmt, default_leaf, path.stem)
+            instance = _instance(value, row_fmt, default_leaf, path.stem, group_by)
             if instance.id in seen:  # the same conversation again: kept once, counted
                 duplicates += 1
                 continue
@@ -242,6 +258,6 @@ def import_instances(path: str | Path, fmt: str = "auto", lenient: bool = False)
     if not instances:
         raise UserError(f"{path}: no usable rows ({total} read, skipped: {dict(skipped)}, first: {errors[0]}); "
                         "check the format (Alpaca instruction/output, ShareGPT conversations, or messages)")
-    report = {"path": str(path), "format": fmt, "rows": total, "imported": len(instances), "skipped": dict(skipped),
+    report = {"path": str(path), "format": fmt, "group_by": group_by, "rows": total, "imported": len(instances), "skipped": dict(skipped),
               "duplicates": duplicates, "errors": errors}
     return instances, report

@@ -72,14 +72,46 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+SCORER_TRAINING_STAGES = ("sample", "train_scorer")
+
+
+def active_stages(cfg: UnifitConfig) -> list[str]:
+    """The requested stages that have work to do: with select.train_scorer=false the scorer is used as configured,
+    so the sample and its SFT are skipped even when an experiment lists them."""
+    return [s for s in cfg.stages if cfg.select.train_scorer or s not in SCORER_TRAINING_STAGES]
+
+
+def stage_spec(cfg: UnifitConfig, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(config sections, upstream stages) that `stage` depends on under this config.
+
+    An untrained scorer makes score depend on the scorer's config alone (not on the sample or its training), so runs
+    sharing one off-the-shelf scorer share one scoring. The scorer check makes select read `model` too.
+    """
+    sections, upstream, _ = STAGE_SPECS[stage]
+    if stage == "score" and not cfg.select.train_scorer:
+        return (*sections, "select.train_scorer"), tuple(u for u in upstream if u != "train_scorer")
+    if stage == "select" and cfg.checks_scorer:
+        return (*sections, "model"), upstream
+    return sections, upstream
+
+
+def _data_section(cfg: UnifitConfig) -> Any:
+    """`data` without an unset group_by: runs from before the field existed keep their generate fingerprint."""
+    value = _section(cfg, "data")
+    if value.get("group_by") is None:
+        value.pop("group_by", None)
+    return value
+
+
 def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
     """Fingerprint of every stage, in pipeline order (upstream fingerprints feed downstream ones)."""
     inputs = {"generate": {"data_file": _file_digest(cfg.data.path)}} if cfg.data.path else {}
     prints: dict[str, str] = {}
     for stage in STAGES:
-        sections, upstream, _ = STAGE_SPECS[stage]
+        sections, upstream = stage_spec(cfg, stage)
         prints[stage] = fingerprint({
-            "stage": stage, "config": {FINGERPRINT_KEY.get(s, s): _section(cfg, s) for s in sections},
+            "stage": stage,
+            "config": {FINGERPRINT_KEY.get(s, s): _data_section(cfg) if s == "data" else _section(cfg, s) for s in sections},
             "upstream": {u: prints[u] for u in upstream}, "inputs": inputs.get(stage, {}),
         })
     return prints
@@ -142,9 +174,10 @@ def _setup_logging(run_dir: Path) -> None:
 
 def _check_upstream(cfg: UnifitConfig, run_dir: Path, prints: dict[str, str]) -> None:
     """A requested stage whose inputs are neither finished nor requested cannot run: say which to add."""
-    for stage in cfg.stages:
-        for upstream in STAGE_SPECS[stage][1]:
-            if upstream in cfg.stages:
+    stages = active_stages(cfg)
+    for stage in stages:
+        for upstream in stage_spec(cfg, stage)[1]:
+            if upstream in stages:
                 continue
             manifest = run_dir / upstream / MANIFEST
             if not manifest.exists() or read_json(manifest).get("fingerprint") != prints[upstream]:
@@ -199,8 +232,11 @@ def run(cfg: UnifitConfig) -> Path:
     timings: dict[str, Any] = read_json(timings_path) if timings_path.exists() else {"stages": {}}
     tracker = Tracker(cfg, run_dir)
     try:
+        stages = active_stages(cfg)
         for stage in STAGES:
-            if stage not in cfg.stages:
+            if stage not in stages:
+                if stage in cfg.stages:
+                    log.info("[%s] not needed: select.train_scorer=false scores with the scorer as configured", stage)
                 continue
             with _stage_location(cfg, run_dir, stage, prints[stage]) as stage_dir:
                 _run_stage(cfg, run_dir, stage, stage_dir, prints[stage], timings, tracker)

@@ -325,6 +325,8 @@ def test_sweep_jobs_agree_on_the_shared_stages_fingerprints() -> None:
     prints = [stage_fingerprints(cfg) for cfg in configs]
     assert configs[0].stages == SHARED_STAGES and all(len(cfg.stages) == 8 for cfg in configs[1:])
     assert {cfg.shared_dir for cfg in configs} == {"runs/shared"}
-    for stage in SHARED_STAGES:
+    for stage in SHARED_STAGES[:-1]:
         assert len({p[stage] for p in prints}) == 1, stage
+    # select checks the shared scorer against each model (same Pithy subset from the same scores): per model
+    assert len({p["select"] for p in prints[1:]}) == len(prints) - 1 and prints[0]["select"] == prints[1]["select"]
     assert len({p["finetune"] for p in prints[1:]}) == len(prints) - 1  # each model tunes (and is judged) on its own

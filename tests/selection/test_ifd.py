@@ -155,3 +155,36 @@ def test_a_conversation_is_conditioned_in_one_pass_with_the_same_scores(tiny_mod
 def test_rejects_examples_without_header(tiny_model) -> None:
     with pytest.raises(ValueError, match="example 0"):
         compute_ifd(tiny_model, [{"context_ids": [1, 2], "header_ids": [], "answer_ids": [3]}])
+
+
+def test_cost_counts_by_hand(tiny_model) -> None:
+    """Padding efficiency and FLOPs per answer token, from the model's sizes and the batch plan, computed by hand."""
+    from unifit.selection.ifd import IFDCost, ModelShape, planned_cost
+
+    config = tiny_model.config  # llama: hidden 64, intermediate 128, 2 layers, 4 heads, 2 kv heads
+    d, i, layers, heads, kv = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                               config.num_attention_heads, config.num_key_value_heads)
+    head_dim = d // heads
+    per_layer = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * i + 2 * d
+    shape = ModelShape.of(tiny_model)
+    vocab = tiny_model.config.vocab_size
+    assert shape == ModelShape(layers * per_layer + d, layers, heads * head_dim, d, vocab)
+
+    def flops(length: int, projected: int) -> float:  # one sequence
+        return 2 * shape.body_params * length + 4 * layers * heads * head_dim * length * (length + 1) / 2 + 2 * d * vocab * projected
+
+    examples = [{"context_ids": [5] * 6, "header_ids": [7, 8], "answer_ids": [9] * 4},
+                {"context_ids": [5] * 10, "header_ids": [7, 8], "answer_ids": [9] * 2}]
+    cost = IFDCost()
+    compute_ifd(tiny_model, examples, max_tokens_per_batch=10_000, cost=cost)  # one batch of 4 rows, padded to 12
+    assert (cost.real_tokens, cost.computed_positions, cost.answer_tokens) == (10 + 6 + 12 + 4, 4 * 12, 6)
+    rows = [(10, 4), (6, 4), (12, 2), (4, 2)]  # (length, answer tokens projected)
+    expected = (2 * shape.body_params * 4 * 12 + 4 * layers * heads * head_dim * 4 * 12 * 13 / 2
+                + 2 * d * vocab * sum(p for _, p in rows))
+    assert cost.flops == pytest.approx(expected)
+    assert cost.reference_flops == pytest.approx(sum(flops(n, n) for n, _ in rows))
+    assert planned_cost(shape, examples, 10_000) == cost  # the same numbers without running the model
+    summary = cost.summary()
+    assert summary["padding_efficiency"] == pytest.approx(32 / 48)
+    assert summary["flops_per_answer_token"] == pytest.approx(expected / 6)
+    assert summary["reference_flops_ratio"] == pytest.approx(cost.reference_flops / expected)

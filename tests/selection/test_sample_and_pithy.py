@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unifit.config import UnifitConfig
+from unifit.config import SelectConfig, UnifitConfig
 from unifit.records import Instance, read_parquet, write_instances, write_parquet
 from unifit.selection.pithy import coverage, select_pithy
 from unifit.selection.sample import draw_sample, k_per_leaf
@@ -80,7 +80,7 @@ def test_selection_min_per_leaf_quota_keeps_every_leaf() -> None:
 def test_stage_sample_and_select_write_their_files(tmp_path: Path) -> None:
     rows = dataset({"a": 30, "b": 30, "x": 30, "y": 30})
     write_instances(rows, tmp_path / "generate" / "instances" / "shard-00000.parquet")
-    cfg = UnifitConfig()
+    cfg = UnifitConfig(select=SelectConfig(agreement_fraction=0))  # the scorer check is tested in test_scorer_choice.py
     counts = run_sample(StageContext(cfg, tmp_path, "sample"))
     assert counts["sample_size"] == 4 * k_per_leaf(120, 4, cfg.sample.fraction) == 8
     assert len(read_parquet(tmp_path / "sample" / "sample.parquet")) == 8

@@ -116,7 +116,7 @@ def import_data(ctx: StageContext) -> dict[str, Any]:
     from unifit.data_import import import_instances
 
     cfg = ctx.cfg
-    instances, report = import_instances(cfg.data.path, cfg.data.format, cfg.data.lenient)
+    instances, report = import_instances(cfg.data.path, cfg.data.format, cfg.data.lenient, cfg.data.group_by)
     out = ctx.out_dir / "instances"
     for stale in out.glob("*.parquet"):
         stale.unlink()

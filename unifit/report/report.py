@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
 from unifit.report.plots import plot_diversity_radar, plot_funnel, plot_ratio_curve, plot_win_rates
+from unifit.report.selection import selection_blocks
 from unifit.stage import read_json
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,13 @@ def _minutes(seconds: Optional[float]) -> str:
 def table1_rows(run: RunData) -> list[list[str]]:
     """Rows (model, setting, variant, select, train, all) in minutes, from measured stage times only.
 
-    Select time = scoring-model training + IFD scoring, charged to Pithy settings (All uses no
+    Select time = scoring-model training (none with select.train_scorer=false) + IFD scoring, charged to Pithy settings (All uses no
     selection); train time = that variant's fine-tuning; all = select + train.
     """
     stages = (run.timings or {}).get("stages", {})
     variants = run.cfg.variants if run.cfg else []
-    scorer = [stages.get(s, {}).get("seconds") for s in ("train_scorer", "score")]
+    trained = run.cfg is None or run.cfg.select.train_scorer  # an untrained scorer: select time is scoring alone
+    scorer = [stages.get(s, {}).get("seconds") for s in (("train_scorer", "score") if trained else ("score",))]
     select_seconds = None if None in scorer else sum(scorer)
     train = stages.get("finetune", {}).get("metrics", {})
     rows: list[list[str]] = []
@@ -290,7 +292,7 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
                for r in runs if not (r.diversity and r.diversity.get("sources"))]
     sections.append(("Figure 3 — instruction diversity", blocks))
 
-    table1: list[Block] = [("p", "Measured wall time in minutes (timings.json). select = scoring-model training + IFD scoring; "
+    table1: list[Block] = [("p", "Measured wall time in minutes (timings.json). select = scoring-model training (if any) + IFD scoring; "
                                  "all = select + train. The All settings train on all data and need no selection.")]
     table1.append(("table", ["model", "setting", "variant", "select (min)", "train (min)", "all (min)"],
                    [row for r in runs for row in table1_rows(r)]))
@@ -321,6 +323,8 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
                 blocks.append(("details", f"All {stage} counters ({run.run_dir / stage / 'report.json'})", [header, "value"], _flat(counts)))
             else:
                 blocks.append(("note", f"Not run: {run.run_dir / stage / 'report.json'} is missing."))
+            if stage == "select":
+                blocks += selection_blocks(run.run_dir, counts, out_dir, _prefix(run, many))
         sections.append(("Data: concept tree, funnel and Pithy selection" + (f" — {run.label}" if many else ""), blocks))
     return sections
 

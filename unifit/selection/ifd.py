@@ -147,12 +147,70 @@ def span_loss_sums(model: Any, sequences: Sequence[Sequence[int]],
     return [[next(flat) for _ in row_spans] for row_spans in spans]
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a forward's matmul FLOPs depend on."""
+
+    body_params: int  # decoder weights a token passes through (the input embedding is a lookup, not a matmul)
+    layers: int
+    attention_width: int  # heads x head_dim: the width of QK^T and attention x V
+    hidden: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: Any) -> "ModelShape":
+        config = model.config
+        embedding = model.get_input_embeddings().weight.numel()
+        body = sum(p.numel() for p in model.base_model.parameters()) - embedding
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        vocab, hidden = model.get_output_embeddings().weight.shape
+        return cls(body, config.num_hidden_layers, heads * head_dim, int(hidden), int(vocab))
+
+    def forward_flops(self, rows: int, length: int, projected: int) -> float:
+        """Matmul FLOPs of `rows` causal sequences of `length` positions with `projected` rows through lm_head."""
+        body = 2 * self.body_params * rows * length
+        attention = 4 * self.layers * self.attention_width * rows * length * (length + 1) / 2
+        return body + attention + 2 * self.hidden * self.vocab * projected
+
+
+@dataclass
+class IFDCost:
+    """What scoring computed, in numbers that do not depend on the machine's speed or load.
+
+    `reference_flops` is the per-example procedure on the same examples (Cherry_LLM's): two unpadded forwards per
+    example, direct and conditioned, each projecting every position onto the full vocabulary.
+    """
+
+    real_tokens: int = 0  # tokens of the sequences the batched forwards ran
+    computed_positions: int = 0  # rows x padded length, summed over forwards
+    answer_tokens: int = 0  # scored answer tokens, each example's answer counted once
+    flops: float = 0.0
+    reference_flops: float = 0.0
+
+    def add(self, other: "IFDCost") -> None:
+        for name in ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summary(self) -> dict[str, float | None]:
+        """padding efficiency (real tokens / computed positions) and FLOPs per scored answer token, both ways."""
+        per_answer = lambda flops: flops / self.answer_tokens if self.answer_tokens else None  # noqa: E731
+        return {
+            "padding_efficiency": self.real_tokens / self.computed_positions if self.computed_positions else None,
+            "flops_per_answer_token": per_answer(self.flops),
+            "reference_flops_per_answer_token": per_answer(self.reference_flops),
+            "reference_flops_ratio": self.reference_flops / self.flops if self.flops else None,
+        }
+
+
 def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
-                max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False) -> list[IFDResult]:
+                max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False,
+                cost: IFDCost | None = None) -> list[IFDResult]:
     """One `IFDResult` per example, in input order (contract in DESIGN.md).
 
     Each example needs non-empty `answer_ids` and `header_ids` (the direct pass must condition the first
     answer token on something). Results do not depend on batch size or order beyond float rounding.
+    `cost`, if given, is incremented with what these forwards computed and what the per-example reference would.
     """
     import torch
     from tqdm import tqdm
@@ -160,6 +218,8 @@ def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
     passes = plan_passes(examples)
     sums: list[list[float]] = [[] for _ in passes.sequences]
     batches = plan_batches([len(s) for s in passes.sequences], max_tokens_per_batch)
+    if cost is not None:
+        cost.add(_cost(ModelShape.of(model), examples, passes, batches))
     with torch.inference_mode():
         for batch in tqdm(batches, desc="IFD", unit="batch", disable=not progress):
             batch_sums = span_loss_sums(model, [passes.sequences[i] for i in batch], [passes.spans[i] for i in batch])
@@ -171,6 +231,28 @@ def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
         cond, direct = sums[cond_row][cond_span] / n, sums[direct_row][direct_span] / n
         results.append(IFDResult(cond, direct, ifd_ratio(cond, direct), ppl_ratio(cond, direct), n))
     return results
+
+
+def planned_cost(shape: ModelShape, examples: Sequence[Mapping[str, Sequence[int]]], max_tokens_per_batch: int) -> IFDCost:
+    """What `compute_ifd` would compute for `examples` (and the per-example reference), without running the model."""
+    passes = plan_passes(examples)
+    return _cost(shape, examples, passes, plan_batches([len(s) for s in passes.sequences], max_tokens_per_batch))
+
+
+def _cost(shape: ModelShape, examples: Sequence[Mapping[str, Sequence[int]]], passes: LossPasses,
+          batches: Sequence[Sequence[int]]) -> IFDCost:
+    cost = IFDCost(answer_tokens=sum(len(e["answer_ids"]) for e in examples))
+    for batch in batches:
+        length = max(len(passes.sequences[i]) for i in batch)
+        projected = sum(end - start for i in batch for start, end in passes.spans[i])
+        cost.real_tokens += sum(len(passes.sequences[i]) for i in batch)
+        cost.computed_positions += len(batch) * length
+        cost.flops += shape.forward_flops(len(batch), length, projected)
+    for example in examples:
+        for prefix in (example["header_ids"], example["context_ids"]):
+            length = len(prefix) + len(example["answer_ids"])
+            cost.reference_flops += shape.forward_flops(1, length, length)
+    return cost
 
 
 @dataclass(frozen=True)
@@ -206,7 +288,8 @@ def conversation_examples(tokenizer: Any, messages: Sequence[Message], max_lengt
 
 
 def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *, max_length: int,
-                        max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False) -> list[dict[str, Any]]:
+                        max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False,
+                        cost: IFDCost | None = None) -> list[dict[str, Any]]:
     """Instance-level scores, in input order: losses and IFD are answer-token-weighted means over turns.
 
     Truncated conversations get NaN scores and `truncated=True`, so they are kept in the table (and
@@ -215,7 +298,7 @@ def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[Sequ
     header = assistant_header_ids(tokenizer)
     prepared = [conversation_examples(tokenizer, messages, max_length, header) for messages in conversations]
     flat = [example for item in prepared for example in item.examples]
-    results = iter(compute_ifd(model, flat, max_tokens_per_batch=max_tokens_per_batch, progress=progress))
+    results = iter(compute_ifd(model, flat, max_tokens_per_batch=max_tokens_per_batch, progress=progress, cost=cost))
     scores: list[dict[str, Any]] = []
     for item in prepared:
         turns = [next(results) for _ in item.examples]

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import pyarrow as pa
 
 from unifit.records import write_parquet
+from unifit.selection.ifd import IFDCost
 
 SCORE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -31,6 +32,9 @@ SCORE_SCHEMA = pa.schema([
     ("truncated", pa.bool_()),
     ("context_truncated", pa.bool_()),
 ])
+
+
+COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -66,14 +70,19 @@ class ShardScorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from unifit.selection.ifd import score_conversations
+        from unifit.selection.ifd import IFDCost, score_conversations
 
-        done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": [], "node": []}
+        done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": [], "node": [],
+                                      **{name: [] for name in COST_FIELDS}}
         for shard, payload in zip(batch["shard"], batch["payload"]):
             start = time.perf_counter()
             rows = json.loads(payload)
+            cost = IFDCost()
             scores = score_conversations(self.model, self.tokenizer, [row["messages"] for row in rows],
-                                         max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch)
+                                         max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
+                                         cost=cost)
+            for name in COST_FIELDS:
+                done[name].append(getattr(cost, name))
             out = [{"id": row["id"], "leaf_id": row["leaf_id"], "concept_path": list(row["concept_path"]), **score}
                    for row, score in zip(rows, scores)]
             write_parquet(out, shard_path(self.out_dir, int(shard)), SCORE_SCHEMA)
@@ -88,10 +97,12 @@ class ShardScorer:
 def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
-                  trust_remote_code: bool = False) -> dict[str, int]:
+                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Score `rows` (instances) into `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
-    Returns shard counts and `nodes`: how many Ray nodes' actors scored this call's shards (0 if none were left).
+    Returns shard counts, `nodes` (how many Ray nodes' actors scored this call's shards, 0 if none were left) and,
+    for this call's shards, the machine-independent cost of `IFDCost.summary` (padding efficiency, FLOPs per scored
+    answer token against the per-example reference).
 
     Ray must already be initialised. GPU actors (gpus_per_actor > 0) run the model in `dtype`; CPU actors
     always use float32 (bf16 matmuls on CPU are slow and lose the precision IFD ratios need).
@@ -109,6 +120,7 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
     todo = [index for index, shard in enumerate(shards)
             if not _shard_done(shard_path(out_dir, index), [row["id"] for row in shard])]
     nodes = 0
+    cost = IFDCost()
     if todo:
         items = [{"shard": index, "payload": json.dumps([
             {"id": r["id"], "leaf_id": r["leaf_id"], "concept_path": list(r["concept_path"]), "messages": list(r["messages"])}
@@ -124,4 +136,7 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
             num_gpus=gpus_per_actor,
         ).take_all()
         nodes = len({row["node"] for row in scored})
-    return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo), "nodes": nodes}
+        for row in scored:
+            cost.add(IFDCost(**{name: (float if name.endswith("flops") else int)(row[name]) for name in COST_FIELDS}))
+    return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo), "nodes": nodes,
+            **{key: value for key, value in cost.summary().items() if value is not None}}

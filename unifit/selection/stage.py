@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+from unifit.config import DataConfig, ModelConfig
 from unifit.records import read_parquet, write_instances
 from unifit.selection.pithy import coverage, plot_ifd_histogram, select_pithy
 from unifit.selection.sample import draw_sample
@@ -38,28 +40,48 @@ def run_sample(ctx: StageContext) -> dict[str, Any]:
 def run_score(ctx: StageContext) -> dict[str, Any]:
     """score/scores/shard-*.parquet: IFD of every instance under the scoring model (resumes by shard)."""
     from unifit.raycluster import ensure_ray
-    from unifit.selection.score import score_sharded
 
     cfg = ctx.cfg
-    scorer = cfg.scoring_model  # how the trained scorer is served: its base's dtype, context and chat template
-    model_dir = ctx.stage_dir("train_scorer") / "model"
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"{model_dir}: no scoring model; run the train_scorer stage first")
+    scorer = cfg.scoring_model  # how the scorer is served: its (base's) dtype, context and chat template
+    if cfg.select.train_scorer:
+        model_dir: Path | str = ctx.stage_dir("train_scorer") / "model"
+        if not (Path(model_dir) / "config.json").exists():
+            raise UserError(f"{model_dir}: no scoring model; run the train_scorer stage first "
+                            "(or set select.train_scorer=false to score with the scorer as configured)")
+    else:
+        model_dir = _model_dir(ctx, scorer)
     rows = _all_instances(ctx)
     ensure_ray(cfg.cluster)
     start = time.perf_counter()
-    counts = score_sharded(
-        rows, ctx.out_dir / "scores", model_dir=model_dir, actors=cfg.cluster.scoring_actors,
-        cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=scorer.dtype,
-        max_length=scorer.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
-        shard_size=cfg.select.score_shard_size, chat_template=scorer.chat_template,
-        trust_remote_code=scorer.trust_remote_code,
-    )
+    counts = _score(ctx, rows, ctx.out_dir / "scores", model_dir, scorer)
     seconds = time.perf_counter() - start
     scores = read_parquet(ctx.out_dir / "scores")
     counts.update(scored=sum(not s["truncated"] for s in scores), truncated=sum(s["truncated"] for s in scores),
-                  context_truncated=sum(s["context_truncated"] for s in scores), score_seconds=round(seconds, 3))
+                  context_truncated=sum(s["context_truncated"] for s in scores), score_seconds=round(seconds, 3),
+                  scorer_trained=int(cfg.select.train_scorer))
     return counts
+
+
+def _model_dir(ctx: StageContext, model: ModelConfig) -> Path | str:
+    """Local directory of an untrained model (the embedded/random ones are converted into the cache once)."""
+    from unifit.models import resolve_model_dir
+
+    return resolve_model_dir(model, ctx.cfg.cache_dir)
+
+
+def _score(ctx: StageContext, rows: list[dict[str, Any]], out_dir: Path, model_dir: Path | str,
+           served_as: ModelConfig) -> dict[str, Any]:
+    """IFD of `rows` under the model in `model_dir`, served with `served_as`'s dtype, context and template."""
+    from unifit.selection.score import score_sharded
+
+    cfg = ctx.cfg
+    return score_sharded(
+        rows, out_dir, model_dir=model_dir, actors=cfg.cluster.scoring_actors,
+        cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=served_as.dtype,
+        max_length=served_as.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
+        shard_size=cfg.select.score_shard_size, chat_template=served_as.chat_template,
+        trust_remote_code=served_as.trust_remote_code,
+    )
 
 
 def run_select(ctx: StageContext) -> dict[str, Any]:
@@ -76,18 +98,67 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
     plot_ifd_histogram(scores, set(selection.kept_ids), cfg.max_ifd, ctx.out_dir / "ifd_hist.png")
     kept_ifd = [s["ifd"] for s in scores if s["id"] in set(selection.kept_ids)]
     finite = [s["ifd"] for s in scores if not s["truncated"] and math.isfinite(s["ifd"])]
+    before, after = coverage(list(instances.values())), coverage(kept)
     report = {
         "instances": len(instances), "target": selection.target, "kept": len(kept), "reasons": selection.reasons,
         "ratio": cfg.ratio, "max_ifd": cfg.max_ifd, "min_per_leaf": cfg.min_per_leaf,
         "ifd_min_kept": min(kept_ifd) if kept_ifd else None,
         "ifd_mean_all": sum(finite) / len(finite) if finite else None,
-        "coverage_before": coverage(list(instances.values())), "coverage_after": coverage(kept),
+        "coverage_before": before, "coverage_after": after,
+        "group_by": ctx.cfg.data.group_by if ctx.cfg.data.path else None, "grouping": _grouping(ctx.cfg.data),
+        "groups": {group: {"kept": after.get(group, 0), "total": total} for group, total in before.items()},
         "leaves_before": len({row["leaf_id"] for row in instances.values()}),
         "leaves_after": len({row["leaf_id"] for row in kept}),
+        "scorer_trained": ctx.cfg.select.train_scorer,
+        "agreement": _check_scorer(ctx, list(instances.values()), scores),
     }
     write_json(ctx.out_dir / "report.json", report)
     lost = sorted(set(report["coverage_before"]) - set(report["coverage_after"]))
     if lost:
-        log.warning("selection keeps nothing from scopes %s; raise select.min_per_leaf to keep them", lost)
+        log.warning("selection keeps nothing from groups %s; raise select.min_per_leaf to keep them", lost)
+    check = report["agreement"]
+    agreement_metrics = ({"agreement_spearman": check["spearman"], "agreement_top_overlap": check["top_overlap"],
+                          "agreement_seconds": check["seconds"]} if "spearman" in check else {})
     return {"instances": len(instances), "kept": len(kept), **selection.reasons,
-            "leaves_before": report["leaves_before"], "leaves_after": report["leaves_after"]}
+            "leaves_before": report["leaves_before"], "leaves_after": report["leaves_after"], **agreement_metrics}
+
+
+def _grouping(data: DataConfig) -> str:
+    """What the groups of `groups`/`coverage_*` are, in words for the report."""
+    if not data.path:
+        return "concept-tree scope"
+    if data.group_by:
+        return f"data.group_by={data.group_by}"
+    return "the imported file's leaf_id/category column (one group for the file without it)"
+
+
+def _check_scorer(ctx: StageContext, instances: list[dict[str, Any]], scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score a random sample with the tuned model (`model`) too and compare its IFD ranking with the scorer's.
+
+    Writes select/agreement_scores/ (the tuned model's scores, resumable by shard) and select/agreement.png; returns the
+    statistics (or why the check did not run). Its time is `seconds`, kept apart from selection time.
+    """
+    from unifit.raycluster import ensure_ray
+    from unifit.selection.agreement import agreement, check_sample, check_size, plot_agreement
+
+    cfg = ctx.cfg
+    if not cfg.checks_scorer:
+        reason = ("the scorer is the model being tuned" if cfg.scorer_is_tuned_model else "select.agreement_fraction=0")
+        return {"skipped": reason}
+    size = check_size(len(instances), cfg.select.agreement_fraction, cfg.select.agreement_max_instances)
+    ids = set(check_sample([row["id"] for row in instances], size, cfg.select.agreement_seed))
+    start = time.perf_counter()
+    ensure_ray(cfg.cluster)
+    _score(ctx, [row for row in instances if row["id"] in ids], ctx.out_dir / "agreement_scores",
+           _model_dir(ctx, cfg.model), cfg.model)
+    seconds = time.perf_counter() - start
+    reference = read_parquet(ctx.out_dir / "agreement_scores")
+    scorer = [row for row in scores if row["id"] in ids]
+    stats = agreement(scorer, reference, ratio=cfg.select.ratio, max_ifd=cfg.select.max_ifd)
+    scorer_label = f"scorer ({cfg.scoring_model.name}{', trained on the sample' if cfg.select.train_scorer else ''})"
+    plot_agreement(scorer, reference, stats, cfg.select.max_ifd, ctx.out_dir / "agreement.png",
+                   scorer_label=scorer_label, reference_label=f"tuned model ({cfg.model.name})")
+    spearman = stats["spearman"]
+    return {**stats, "spearman": spearman if math.isfinite(spearman) else None, "scorer": scorer_label,
+            "reference": f"tuned model ({cfg.model.name})", "fraction": cfg.select.agreement_fraction,
+            "seconds": round(seconds, 3)}
