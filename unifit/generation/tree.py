@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from unifit.config import GenerateConfig
+from unifit.figures import pyplot, save_figure
 from unifit.fingerprint import fingerprint
 from unifit.generation.parsing import ask_parsed, concept_key, drop_cut_name, parse_list
 from unifit.llm.base import ChatClient, GenerationParams
@@ -157,10 +158,7 @@ def draw_tree(tree: Tree, path: str | Path, max_rows: int = 80) -> Path:
     Scope nodes are labelled with their leaf counts. The deepest level shown is the deepest one with at
     most `max_rows` nodes, so the picture stays legible for trees with thousands of leaves.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     per_depth: dict[int, int] = {}
     for node in tree.nodes.values():
@@ -201,10 +199,4 @@ def draw_tree(tree: Tree, path: str | Path, max_rows: int = 80) -> Path:
     total = tree.counts.get("leaves", len(tree.leaves()))
     ax.set_title(f"Concept tree: {tree.domain} — {len(tree.nodes)} nodes, {total} leaves"
                  + ("" if shown_depth >= max(per_depth) else f" (levels {shown_depth + 2}+ collapsed into leaf counts)"), fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

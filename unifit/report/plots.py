@@ -9,28 +9,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
+from unifit.figures import pyplot, save_figure
 
 
 def plot_win_rates(panels: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path:
     """One bar chart per (title, judge.json): win rate per model with its bootstrap 95% interval, and "no majority"."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.1 * max(len(j["models"]) + 1 for _, j in panels)) * len(panels), 3.6),
                              squeeze=False)
     for ax, (title, judged) in zip(axes[0], panels):
@@ -48,12 +32,12 @@ def plot_win_rates(panels: Sequence[tuple[str, dict[str, Any]]], path: Path) -> 
         ax.set_ylabel("fraction of test questions")
         ax.set_title(f"{title}\nn={judged['n_questions']}, flip rate {judged['flip_rate']:.0%}", fontsize=9)
     fig.suptitle("Judge win rate (majority of 3 orderings), 95% bootstrap intervals", fontsize=10, y=1.06)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diversity_radar(panels: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path:
     """One radar per (title, diversity.json): mean score per dimension for each source, shaded mean ± std."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.6), subplot_kw={"projection": "polar"}, squeeze=False)
     for ax, (title, scored) in zip(axes[0], panels):
         dims = list(scored["dimensions"])
@@ -76,12 +60,12 @@ def plot_diversity_radar(panels: Sequence[tuple[str, dict[str, Any]]], path: Pat
         if len(unscored) < len(scored["sources"]):
             ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.25, -0.1))
     fig.suptitle("Instruction diversity (judge scores 1-10, mean ± std over draws)", fontsize=10, y=1.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ratio_curve(series: dict[str, list[tuple[float, float, tuple[float, float]]]], path: Path) -> Path:
     """Win rate against the Pithy ratio: `series` maps a line label to (ratio, win rate, (ci low, ci high)) points."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, (label, points) in enumerate(sorted(series.items())):
         points = sorted(points)
@@ -94,12 +78,12 @@ def plot_ratio_curve(series: dict[str, list[tuple[float, float, tuple[float, flo
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     ax.set_title("Win rate vs. selection ratio", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_funnel(steps: Sequence[tuple[str, int, bool]], title: str, path: Path) -> Path:
     """The data's path as horizontal bars, top to bottom: (label, count, is_drop); drops are drawn hatched and indented."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(steps) + 0.9))
     top = max([count for _, count, _ in steps] + [1])
     for y, (label, count, drop) in enumerate(steps):
@@ -112,4 +96,4 @@ def plot_funnel(steps: Sequence[tuple[str, int, bool]], title: str, path: Path) 
     ax.set_title(title, fontsize=9)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from unifit.figures import pyplot, save_figure
 from unifit.fingerprint import fingerprint
 
 MIN_INSTANCES = 50  # a rank correlation over fewer instances says little; small data sets are checked whole
@@ -101,10 +102,7 @@ def agreement(scorer: Sequence[dict[str, Any]], reference: Sequence[dict[str, An
 def plot_agreement(scorer: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]], stats: dict[str, Any],
                    max_ifd: float, path: Path, *, scorer_label: str, reference_label: str) -> Path:
     """Scatter of the two IFDs per instance, coloured by which top-`ratio` set(s) it falls in, max_ifd marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by_id = {r["id"]: r for r in reference}
     top_scorer, top_reference = top_set(scorer, stats["top_k"], max_ifd), top_set(reference, stats["top_k"], max_ifd)
@@ -132,12 +130,7 @@ def plot_agreement(scorer: Sequence[dict[str, Any]], reference: Sequence[dict[st
                  if math.isfinite(rho) else f"n={stats['paired']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def distribution(rows: Sequence[dict[str, Any]], max_ifd: float = 1.0) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from unifit.figures import pyplot, save_figure
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -78,10 +80,7 @@ def coverage(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 def plot_ifd_histogram(scores: Sequence[dict[str, Any]], kept_ids: set[str], max_ifd: float, path: Path) -> Path:
     """IFD of every scored instance, kept ones highlighted, with the max_ifd cut-off marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     values = [row["ifd"] for row in scores if not row["truncated"] and math.isfinite(row["ifd"])]
     kept = [row["ifd"] for row in scores if row["id"] in kept_ids]
@@ -95,9 +94,4 @@ def plot_ifd_histogram(scores: Sequence[dict[str, Any]], kept_ids: set[str], max
     ax.set_ylabel("instances")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
