@@ -15,9 +15,10 @@ ARGS ?=
 demo: $(VENV)/.installed
 	$(BIN)/python -m unifit.launch $(ARGS)
 
-# UNIFIT_VENV lets tests/test_environment.py check that the suite runs from this venv's interpreter.
+# UNIFIT_VENV lets tests/test_environment.py check that the suite runs from this venv's interpreter; the venv's
+# bin/ leads PATH so the scripts under test (launch/, slurm/) find its `ray` and `python`, not the machine's.
 test: $(VENV)/.installed
-	UNIFIT_VENV="$(abspath $(VENV))" $(BIN)/python -m pytest $(ARGS)
+	UNIFIT_VENV="$(abspath $(VENV))" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(ARGS)
 
 venv: $(VENV)/.installed
 
