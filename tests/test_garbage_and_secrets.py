@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import client_of
 from garbage_server import (EMPTY, GARBAGE_KINDS, GOOD, OTHER_LANGUAGE, REPETITION, TRUNCATED, WRONG_FORMAT, GarbageServer, Record,
                             Script, ScriptedModel)
 
@@ -416,9 +417,8 @@ def test_a_degenerate_thousand_item_list_is_bounded_and_fast() -> None:
     from unifit.generation.tree import build_tree
     from unifit.llm.base import Completion
 
-    def looping(conversations: list[Any], params: GenerationParams) -> list[Completion]:
-        return [Completion("\n".join(["1. Explain how Email security works in practice?"] * 1000), "length", 8000)
-                for _ in conversations]
+    looping = client_of(lambda conversations, params: [
+        Completion("\n".join(["1. Explain how Email security works in practice?"] * 1000), "length", 8000) for _ in conversations])
 
     started = time.time()
     gen = _generate_cfg(depth=1, leaf_mode="two_step")
