@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
-from unifit.records import read_parquet, write_instances
+from unifit.records import count_rows, parquet_files, read_column, read_parquet, write_instances
 from unifit.selection.pithy import coverage, plot_ifd_histogram, select_pithy
 from unifit.selection.sample import draw_sample
 from unifit.stage import StageContext, UserError, write_json
@@ -25,6 +26,15 @@ def _all_instances(ctx: StageContext) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
     return rows
+
+
+def _instance_files(ctx: StageContext) -> list[Path]:
+    """The instance shards, for stages that stream them rather than load them."""
+    path = ctx.stage_dir("generate") / "instances"
+    files = parquet_files(path) if path.exists() else []
+    if not count_rows(files):
+        raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
+    return files
 
 
 def run_sample(ctx: StageContext) -> dict[str, Any]:
@@ -45,20 +55,21 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
     model_dir = ctx.stage_dir("train_scorer") / "model"
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: no scoring model; run the train_scorer stage first")
-    rows = _all_instances(ctx)
+    files = _instance_files(ctx)
     ensure_ray(cfg.cluster)
     start = time.perf_counter()
     counts = score_sharded(
-        rows, ctx.out_dir / "scores", model_dir=model_dir, actors=cfg.cluster.scoring_actors,
+        files, ctx.out_dir / "scores", model_dir=model_dir, actors=cfg.cluster.scoring_actors,
         cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=scorer.dtype,
         max_length=scorer.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
         shard_size=cfg.select.score_shard_size, chat_template=scorer.chat_template,
         trust_remote_code=scorer.trust_remote_code,
     )
     seconds = time.perf_counter() - start
-    scores = read_parquet(ctx.out_dir / "scores")
-    counts.update(scored=sum(not s["truncated"] for s in scores), truncated=sum(s["truncated"] for s in scores),
-                  context_truncated=sum(s["context_truncated"] for s in scores), score_seconds=round(seconds, 3))
+    truncated = read_column(parquet_files(ctx.out_dir / "scores"), "truncated")
+    context_truncated = read_column(parquet_files(ctx.out_dir / "scores"), "context_truncated")
+    counts.update(scored=truncated.count(False), truncated=sum(truncated), context_truncated=sum(context_truncated),
+                  score_seconds=round(seconds, 3))
     return counts
 
 
