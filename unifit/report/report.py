@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, Union
 
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
 from unifit.report.plots import plot_diversity_radar, plot_ratio_curve, plot_win_rates
+from unifit.report.tree_view import TREE_CSS, tree_outline
 from unifit.stage import read_json
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,12 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
         ):
             blocks: list[Block] = []
             picture = run.run_dir / stage / image
-            if picture.exists():
+            outline = tree_outline(run.run_dir, out_dir, f"{_prefix(run, many)}tree.html") if stage == "generate" else None
+            if outline is not None:
+                blocks.append(("html", outline.html, outline.markdown))
+            if outline is not None and not outline.png_readable:
+                log.info("report: %s has too many leaves to draw; the outline replaces the picture", run.label)
+            elif picture.exists():
                 blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{image}"), alt))
             else:
                 blocks.append(("note", f"Not run: {picture} is missing (the {stage} stage has not run)."))
@@ -241,7 +247,7 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
 
 
 def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}{TREE_CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>"]
     for heading, blocks in sections:
         out.append(f"<h2>{html.escape(heading)}</h2>")
@@ -253,6 +259,8 @@ def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
                 out.append(f"<p class='not-run'>{html.escape(block[1])}</p>")
             elif kind == "img":
                 out.append(f"<p><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'></p>")
+            elif kind == "html":  # markup built and escaped by its producer (the concept tree outline)
+                out.append(block[1])
             else:
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
                 body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
@@ -274,6 +282,8 @@ def render_markdown(title: str, sections: Sequence[tuple[str, list[Block]]]) -> 
                 out += [f"> **Note:** {block[1]}", ""]
             elif kind == "img":
                 out += [f"![{block[2]}]({block[1]})", ""]
+            elif kind == "html":
+                out += [block[2], ""]
             else:
                 out.append("| " + " | ".join(cell(h) for h in block[1]) + " |")
                 out.append("|" + "---|" * len(block[1]))
