@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,15 +93,16 @@ def count_rows(files: Iterable[str | Path]) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
 
 
-def stream_parquet(files: Iterable[str | Path], columns: list[str]) -> Any:
+def stream_parquet(files: Iterable[str | Path], columns: list[str], read_cpus: Optional[float] = None) -> Any:
     """A Ray Dataset over the files' rows in file order (order preserved through every later transform).
 
     Order matters downstream: score shards and training batches are defined by position, and resume needs
-    the same positions on every run.
+    the same positions on every run. `read_cpus=0` lets the read tasks run beside consumers that hold every CPU
+    (Ray Train workers): Ray Train leaves its datasets only the CPUs its workers do not take.
     """
     import ray.data
 
-    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None)
+    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None, num_cpus=read_cpus)
     dataset.context.execution_options.preserve_order = True
     return dataset
 

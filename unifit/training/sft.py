@@ -198,7 +198,7 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": stream_parquet(parquet_files(out_dir / "rows"), TRAIN_COLUMNS[packing])},
+        datasets={"train": stream_parquet(parquet_files(out_dir / "rows"), TRAIN_COLUMNS[packing], read_cpus=0)},
         # the same rows in the same order every epoch and after a restart: resume skips the batches already trained on
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
