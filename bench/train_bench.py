@@ -69,9 +69,7 @@ def run_unifit(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.N
         train=TrainConfig(epochs=1.0, global_batch_size=args.batch, micro_batch_size=args.batch,
                           learning_rate=1e-4, warmup_ratio=0.0, packing=packing, checkpoint_every=10**6, max_failures=0),
     )
-    from unifit.records import write_parquet
-
-    metrics = run_sft(cfg, write_parquet(instances, out / "instances.parquet"), out, neftune_alpha=0.0)
+    metrics = run_sft(cfg, instances, out, neftune_alpha=0.0)
     return {"tokens_per_second": metrics["tokens_per_second"], "tokens": metrics["tokens"], "positions": metrics["positions"],
             "loop_seconds": metrics["loop_seconds"], "train_seconds": metrics["train_seconds"], "rows": metrics["rows"]}
 
@@ -88,13 +86,12 @@ def run_hf_trainer(model_cfg: Any, instances: list[dict[str, Any]], args: argpar
     from transformers import Trainer, TrainingArguments
 
     from unifit.models import load_model, load_tokenizer
-    from unifit.training.data import collate, encode_instances, shuffle_key
+    from unifit.training.data import collate, encode_instances, shuffled
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(model_cfg, model_cfg_cache())
-    keys = shuffle_key(0, [instance["id"] for instance in instances])  # UNIFIT's unpacked order for train.seed=0
-    ordered = [instance for _, instance in sorted(zip(keys, instances), key=lambda pair: (pair[0], pair[1]["id"]))]
-    rows, _ = encode_instances(tokenizer, ordered, model_cfg.max_length)
+    examples, _ = encode_instances(tokenizer, instances, model_cfg.max_length)
+    rows = shuffled(examples, seed=0)
     counted = {"tokens": 0, "positions": 0}
 
     def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,16 +93,15 @@ def count_rows(files: Iterable[str | Path]) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
 
 
-def stream_parquet(files: Iterable[str | Path], columns: list[str], read_cpus: Optional[float] = None) -> Any:
+def stream_parquet(files: Iterable[str | Path], columns: list[str]) -> Any:
     """A Ray Dataset over the files' rows in file order (order preserved through every later transform).
 
     Order matters downstream: score shards and training batches are defined by position, and resume needs
-    the same positions on every run. `read_cpus=0` lets the read tasks run beside consumers that hold every CPU
-    (Ray Train workers): Ray Train leaves its datasets only the CPUs its workers do not take.
+    the same positions on every run.
     """
     import ray.data
 
-    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None, num_cpus=read_cpus)
+    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None)
     dataset.context.execution_options.preserve_order = True
     return dataset
 

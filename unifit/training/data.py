@@ -1,8 +1,6 @@
 """Training examples: chat template -> ids + assistant-only labels, truncation, packing, collation.
 
-Streamed: `prepare_rows` has Ray Data read the instance shards, order them by a seeded hash of their ids,
-tokenise and pack them in the workers, window by window, and write the training rows to parquet; the
-driver only learns their counts. Labels come from `unifit.templates.tokenize_conversation(...).labels()` (the same spans IFD scores), so the
+Labels come from `unifit.templates.tokenize_conversation(...).labels()` (the same spans IFD scores), so the
 loss covers every assistant turn's content and end-of-turn token and nothing else. Packing concatenates
 conversations into rows of at most `max_length` tokens; each segment restarts its position ids and attends
 only within itself (per-segment causal SDPA, `unifit.training.attention`, or flash-attn varlen from position ids on GPU),
@@ -12,22 +10,13 @@ so a packed row gives the same per-token loss as its conversations run one by on
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import random
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from unifit.templates import tokenize_conversation, validate_messages
 
 IGNORE_INDEX = -100
-# Conversations tokenised and packed together (best-fit decreasing within a window). Packing efficiency is already
-# near its bound at a few thousand conversations; the window bounds a worker's memory (token lists of Python ints
-# are ~70 bytes a token) whatever the dataset size. A dataset up to this size is packed as one window.
-PACK_WINDOW = 8192
-ROWS_DONE = "rows.json"  # written last in a rows directory: its counts, and that the rows are complete
 
 
 @dataclass
@@ -95,6 +84,13 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int, see
     return packed
 
 
+def shuffled(examples: Sequence[dict[str, list[int]]], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Unpacked rows in a seeded random order (each row is one conversation, padded per micro-batch)."""
+    rows = list(examples)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "segments") -> dict[str, Any]:
     """Model inputs for one micro-batch.
 
@@ -149,71 +145,3 @@ def model_inputs(batch: dict[str, Any], device: Optional[Any] = None) -> dict[st
     if "segment_spans" in batch:
         kwargs["segment_spans"] = batch["segment_spans"]
     return kwargs
-
-
-def shuffle_key(seed: int, ids: Sequence[str]) -> list[int]:
-    """A seeded pseudo-random rank per instance id: the training order, independent of file layout and workers."""
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1 for i in ids]
-
-
-def _with_order(batch: Any, seed: int) -> Any:
-    import pyarrow as pa
-
-    return batch.append_column("order", pa.array(shuffle_key(seed, batch["id"].to_pylist()), type=pa.int64()))
-
-
-def _encode_window(batch: Any, model_cfg: dict[str, Any], cache_dir: str, max_length: int, packing: bool, seed: int) -> Any:
-    """One window of instances -> training rows (packed or not), with the window's encode counts on its first row."""
-    import pyarrow as pa
-
-    from unifit.config import ModelConfig
-    from unifit.models import load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(**model_cfg), cache_dir)
-    examples, report = encode_instances(tokenizer, batch.select(["id", "messages"]).to_pylist(), max_length)
-    rows = pack_examples(examples, max_length, seed=seed) if packing else examples
-    columns: dict[str, Any] = {key: pa.array([row[key] for row in rows], type=pa.list_(pa.int32()))
-                               for key in (("input_ids", "labels", "position_ids") if packing else ("input_ids", "labels"))}
-    counts = {"encoded": report.encoded, "truncated": report.truncated, "dropped_no_answer": report.dropped_no_answer}
-    for key, value in counts.items():
-        columns[key] = pa.array([value] + [0] * (len(rows) - 1), type=pa.int64())
-    return pa.table(columns)
-
-
-def prepare_rows(files: Sequence[str | Path], out_dir: Path, *, model_cfg: dict[str, Any], cache_dir: str,
-                 max_length: int, packing: bool, seed: int, window: int = PACK_WINDOW) -> dict[str, int]:
-    """Training rows of the instances in `files`, written to `out_dir` by Ray Data workers; returns their counts.
-
-    Order: instances sorted by `shuffle_key(seed, id)` (a global shuffle that any rerun reproduces), cut into
-    windows of `window` instances, each tokenised and (with `packing`) packed by `pack_examples(seed)`. A rows
-    directory with its `rows.json` is complete and reused as is, so a resumed training run sees the same batches.
-    Returns rows, examples (encoded), truncated, dropped_no_answer.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from unifit.records import parquet_files, stream_parquet
-
-    done = out_dir / ROWS_DONE
-    if done.exists():
-        return json.loads(done.read_text())
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    dataset = (stream_parquet(files, ["id", "messages"])
-               .map_batches(_with_order, batch_format="pyarrow", fn_kwargs={"seed": seed})
-               .sort(["order", "id"])
-               .repartition(target_num_rows_per_block=window, strict=True)
-               .map_batches(_encode_window, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs=dict(model_cfg=model_cfg, cache_dir=cache_dir, max_length=max_length, packing=packing,
-                                           seed=seed)))
-    dataset.write_parquet(str(staging))
-    counts = {"rows": 0, "encoded": 0, "truncated": 0, "dropped_no_answer": 0}
-    for file in parquet_files(staging):
-        table = pq.read_table(file, columns=["encoded", "truncated", "dropped_no_answer"])
-        counts["rows"] += table.num_rows
-        for key in ("encoded", "truncated", "dropped_no_answer"):
-            counts[key] += int(pc.sum(table[key]).as_py() or 0)
-    staging.rename(out_dir)
-    (out_dir / ROWS_DONE).write_text(json.dumps(counts))
-    return counts

@@ -1,8 +1,7 @@
 """Supervised fine-tuning with Ray Train + DeepSpeed: setup on the driver, `train_loop` in every worker.
 
-Driver (`run_sft`): has Ray Data tokenize the instance shards with the chat template (assistant-only labels)
-and pack or shuffle them into parquet rows (`unifit.training.data.prepare_rows`), hands those to the workers
-as a streamed Ray Data dataset, size the DeepSpeed config, run `TorchTrainer`, return the metrics.
+Driver (`run_sft`): tokenize with the chat template (assistant-only labels), pack or shuffle, hand rows to
+the workers as a Ray Data dataset, size the DeepSpeed config, run `TorchTrainer`, return the metrics.
 Worker (`train_loop`): everything it needs arrives in `train_loop_config` (no module globals); it loads the
 model, wraps it with `deepspeed.initialize` (ZeRO-2/3, optional offload, bf16 on GPU, torch AdamW, cosine
 schedule with warm-up), resumes from `ray.train.get_checkpoint()` if there is one, trains, checkpoints
@@ -20,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, to_container
 
@@ -30,7 +29,6 @@ STATE_FILE = "unifit_state.json"  # inside each checkpoint: the optimizer step i
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 RUN_NAME = "sft"  # Ray Train run name: checkpoints land in <storage>/sft/step-XXXXXXXX/
 METRICS_FILE = "metrics.json"  # beside the exported model: written last, so its presence means "done"
-TRAIN_COLUMNS = {True: ["input_ids", "labels", "position_ids"], False: ["input_ids", "labels"]}  # by packing
 WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_seconds", "export_seconds")  # timed in train_loop besides loop_seconds
 
 
@@ -121,11 +119,10 @@ def latest_checkpoint(storage: Path) -> Optional[tuple[Path, int]]:
     return best
 
 
-def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out_dir: Path, *, neftune_alpha: float,
+def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *, neftune_alpha: float,
             model_cfg: Optional[ModelConfig] = None,
             on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-    """Fine-tune `model_cfg` (default `cfg.model`) on `instances` (a parquet file, a directory of them, or a list of
-    files); the model lands in `out_dir/model/`, its training rows in `out_dir/rows/` (kept for a resumed run).
+    """Fine-tune `model_cfg` (default `cfg.model`) on `instances`; the model lands in `out_dir/model/`.
 
     Resumes from the newest checkpoint under `out_dir/ray/` (a worker restart within the run, or a rerun
     of an interrupted one). `on_step(step, rank)` runs in every worker after each optimizer step (it is
@@ -134,14 +131,13 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
     tokens trained on, all workers), tokens_per_second, and the data counts.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from unifit.models import load_tokenizer, resolve_model_dir
     from unifit.raycluster import cpus_per_train_worker, ensure_ray
-    from unifit.records import parquet_files, stream_parquet
     from unifit.stage import read_json, write_json
-    from unifit.training.data import prepare_rows
+    from unifit.training.data import encode_instances, pack_examples, shuffled
 
     model_cfg = model_cfg or cfg.model
     out_dir = Path(out_dir).resolve()
@@ -152,15 +148,13 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
                     "so packed conversations would attend to each other; training on padded batches", model_cfg.name)
         packing = False
     tokenizer = load_tokenizer(model_cfg, cfg.cache_dir)
-    files = parquet_files(instances) if isinstance(instances, (str, Path)) else [Path(f) for f in instances]
-    ensure_ray(cfg.cluster)
-    counts = prepare_rows(files, out_dir / "rows", model_cfg=to_container(model_cfg), cache_dir=str(cfg.cache_dir),
-                          max_length=model_cfg.max_length, packing=packing, seed=cfg.train.seed)
-    if not counts["encoded"]:
-        raise ConfigError(f"no trainable examples among the instances in {files[0].parent} "
-                          f"({counts['dropped_no_answer']} had no answer token within model.max_length={model_cfg.max_length})")
+    examples, encode_report = encode_instances(tokenizer, instances, model_cfg.max_length)
+    if not examples:
+        raise ConfigError(f"no trainable examples among {len(instances)} instances "
+                          f"({encode_report.dropped_no_answer} had no answer token within model.max_length={model_cfg.max_length})")
+    rows = pack_examples(examples, model_cfg.max_length, seed=cfg.train.seed) if packing else shuffled(examples, cfg.train.seed)
     workers = cfg.cluster.train_workers
-    plan = plan_steps(cfg.train, counts["rows"], workers)
+    plan = plan_steps(cfg.train, len(rows), workers)
     use_gpu = cfg.cluster.use_gpu
     zero_stage = effective_zero_stage(cfg.deepspeed, workers)
     ds_config = deepspeed_config(dataclasses.replace(cfg.deepspeed, zero_stage=zero_stage), cfg.train, workers, bf16=use_gpu)
@@ -168,7 +162,7 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
     resume = latest_checkpoint(storage)
     stage_note = "" if zero_stage == cfg.deepspeed.zero_stage else f" (deepspeed.zero_stage={cfg.deepspeed.zero_stage}: nothing to partition on one worker)"
     log.info("SFT %s: %d examples -> %d rows (packing=%s), %d steps, %d workers, ZeRO-%d%s%s",
-             model_cfg.name, counts["encoded"], counts["rows"], packing, plan["total_steps"], workers,
+             model_cfg.name, len(examples), len(rows), packing, plan["total_steps"], workers,
              zero_stage, stage_note, f", resuming from step {resume[1]}" if resume else "")
 
     loop_config = {
@@ -188,6 +182,7 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
         "wandb": {**to_container(cfg.wandb), "name": f"{cfg.name}-{out_dir.name}", "dir": str(out_dir)},
         "on_step": on_step,
     }
+    ensure_ray(cfg.cluster)
     worker_resources = {"CPU": cpus_per_train_worker(cfg.cluster), **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
@@ -198,9 +193,7 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": stream_parquet(parquet_files(out_dir / "rows"), TRAIN_COLUMNS[packing], read_cpus=0)},
-        # the same rows in the same order every epoch and after a restart: resume skips the batches already trained on
-        dataset_config=DataConfig(execution_options=_ordered_ingest()),
+        datasets={"train": ray.data.from_items(rows)},
     )
     Path(loop_config["loop_metrics_path"]).unlink(missing_ok=True)
     start = time.perf_counter()
@@ -213,24 +206,14 @@ def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out
             f"training {model_cfg.name} failed after train.max_failures={cfg.train.max_failures} restart(s): {_first_line(error)}. "
             f"Last checkpoint: {where}; rerunning the stage resumes from it.") from error
     train_seconds = time.perf_counter() - start
-    metrics = {**read_json(loop_config["loop_metrics_path"]), "train_seconds": train_seconds, "examples": counts["encoded"],
-               "rows": counts["rows"], "packed": int(packing), "truncated": counts["truncated"],
-               "dropped_no_answer": counts["dropped_no_answer"]}
+    metrics = {**read_json(loop_config["loop_metrics_path"]), "train_seconds": train_seconds, "examples": len(examples),
+               "rows": len(rows), "packed": int(packing), "truncated": encode_report.truncated, "dropped_no_answer": encode_report.dropped_no_answer}
     in_worker = sum(metrics[key] for key in WORKER_PHASES) + metrics["loop_seconds"]
     log.info("SFT %s: %.1fs = Ray Train start/stop %.1fs + worker setup %.1fs, load %.1fs, DeepSpeed init %.1fs, "
              "first batch %.1fs, %d steps %.1fs, export %.1fs", model_cfg.name, train_seconds, train_seconds - in_worker,
              *(metrics[key] for key in WORKER_PHASES[:4]), metrics["steps"], metrics["loop_seconds"], metrics["export_seconds"])
     write_json(out_dir / METRICS_FILE, metrics)
     return metrics
-
-
-def _ordered_ingest() -> Any:
-    """Ray Train's default ingest options, with the rows kept in file order."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unifit.config import ModelConfig
-from unifit.records import count_rows, parquet_files
+from unifit.records import read_parquet
 from unifit.stage import StageContext, UserError, read_json
 
 log = logging.getLogger(__name__)
@@ -20,17 +20,16 @@ log = logging.getLogger(__name__)
 REPORTED = ("train_seconds", "steps", "final_loss", "tokens", "tokens_per_second", "examples", "truncated", "dropped_no_answer")
 
 
-def _load(path: Path, what: str) -> list[Path]:
-    """The parquet files of `path` (streamed to training, never loaded here), after checking they hold instances."""
+def _load(path: Path, what: str) -> list[dict[str, Any]]:
     if not path.exists():
         raise UserError(f"{path} is missing: run the stage that writes {what} first")
-    files = parquet_files(path)
-    if not count_rows(files):
+    rows = read_parquet(path)
+    if not rows:
         raise UserError(f"{path} holds no instances: nothing to train on ({what})")
-    return files
+    return rows
 
 
-def _train(ctx: StageContext, load: Callable[[], list[Path]], out_dir: Path, neftune_alpha: float,
+def _train(ctx: StageContext, load: Callable[[], list[dict[str, Any]]], out_dir: Path, neftune_alpha: float,
            model_cfg: ModelConfig) -> tuple[dict[str, Any], bool]:
     """Metrics of a finished model in `out_dir` (trained now, or earlier: then `True` = reused)."""
     from unifit.training.sft import METRICS_FILE, model_complete, run_sft
@@ -55,10 +54,10 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
         "pithy": (ctx.stage_dir("select") / "pithy.parquet", "the Pithy subset (stage `select`)"),
         "all": (ctx.stage_dir("generate") / "instances", "all instances (stage `generate`)"),
     }
-    loaded: dict[str, list[Path]] = {}
+    loaded: dict[str, list[dict[str, Any]]] = {}
 
-    def instances(data: str) -> list[Path]:
-        if data not in loaded:  # each data set checked once, and only if a variant still needs training
+    def instances(data: str) -> list[dict[str, Any]]:
+        if data not in loaded:  # each data set read once, and only if a variant still needs training
             loaded[data] = _load(*sources[data])
         return loaded[data]
 
