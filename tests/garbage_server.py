@@ -192,6 +192,14 @@ class Script:
             good = digest(self.salt, key) % 100 >= self.always_garbage_percent and draw % 100 >= self.garbage_percent
         return GOOD if good else kinds[(draw // 100) % len(kinds)]
 
+    def good_reply(self, kind: str, fields: dict[str, str], salt: str, json_mode: bool) -> str:
+        """The well-formed reply (a subclass may vary its wording; it must keep what the parsers read)."""
+        return good_reply(kind, fields, salt, json_mode)
+
+    def record(self, record: Record) -> None:
+        with self._lock:
+            self.records.append(record)
+
     def reply(self, messages: list[dict[str, str]], seed: int, max_tokens: int, json_mode: bool) -> tuple[str, str]:
         """(text, finish_reason) for one request, recorded."""
         kind, fields = classify(messages)
@@ -199,13 +207,12 @@ class Script:
         reply_kind = self.reply_kind(kind, key, seed)
         salt = f"{key}:{seed}"
         if reply_kind == GOOD:
-            text = good_reply(kind, fields, salt, json_mode)
+            text = self.good_reply(kind, fields, salt, json_mode)
         else:
             text = garbage_reply(kind, reply_kind, fields, salt, json_mode, max_tokens)
         finish = "length" if reply_kind in (TRUNCATED, REPETITION) else "stop"
         last_user = [m["content"] for m in messages if m["role"] == "user"][-1]
-        with self._lock:
-            self.records.append(Record(kind, key, reasked, seed, reply_kind, finish, last_user, max_tokens))
+        self.record(Record(kind, key, reasked, seed, reply_kind, finish, last_user, max_tokens))
         return text, finish
 
 
@@ -226,25 +233,41 @@ class ScriptedModel:
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
     """Answer an HTTP request with a JSON body, as an OpenAI-compatible server does."""
-    data = json.dumps(payload).encode()
+    send_body(handler, status, json.dumps(payload).encode(), "application/json")
+
+
+def send_body(handler: BaseHTTPRequestHandler, status: int, data: bytes, content_type: str) -> None:
     handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Type", content_type)
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
 
 
+TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Tokens as a BPE tokenizer roughly sees them: words and punctuation marks (for `usage`)."""
+    return len(TOKEN.findall(text))
+
+
 class GarbageServer:
     """`with GarbageServer(key) as server:` serves `script` on `server.url`; `server.script.records` logs the requests.
 
+    Shaped like `vllm serve`: `GET /v1/models` lists the served model, `POST /v1/chat/completions` answers.
     `broken`: "500" answers every authorised request with HTTP 500, "no_choices" with a 200 whose body has no choices.
     """
 
-    def __init__(self, api_key: str, script: Optional[Script] = None, broken: Optional[str] = None) -> None:
+    def __init__(self, api_key: str, script: Optional[Script] = None, broken: Optional[str] = None,
+                 model: str = "garbage-llm", max_model_len: int = 4096) -> None:
         self.api_key = api_key
         self.script = script or Script()
         self.broken = broken
+        self.model = model
+        self.max_model_len = max_model_len
         self.unauthorized = 0
+        self.requests = 0
         self._lock = threading.Lock()
         self._httpd: Optional[ThreadingHTTPServer] = None
 
@@ -258,6 +281,13 @@ class GarbageServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     def __enter__(self) -> "GarbageServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -265,23 +295,46 @@ class GarbageServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 send_json(self, *server.respond(self.path, self.headers.get("Authorization", ""), body))
 
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                status, payload = server.respond_get(self.path, self.headers.get("Authorization", ""))
+                if isinstance(payload, str):  # a text endpoint such as Prometheus' /metrics
+                    send_body(self, status, payload.encode(), "text/plain; version=0.0.4")
+                else:
+                    send_json(self, status, payload)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.daemon_threads = True
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.request_queue_size = 256  # a pipeline's client pool connects in bursts
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
 
+    def _refused(self, authorization: str) -> Optional[tuple[int, dict[str, Any]]]:
+        if authorization == f"Bearer {self.api_key}":
+            return None
+        with self._lock:
+            self.unauthorized += 1
+        return 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}}
+
+    def respond_get(self, path: str, authorization: str) -> tuple[int, Any]:
+        refused = self._refused(authorization)
+        if refused:
+            return refused
+        if path != "/v1/models":
+            return 404, {"error": {"message": f"Unknown path {path}", "type": "invalid_request_error"}}
+        return 200, {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "vllm",
+                                                 "root": self.model, "parent": None, "max_model_len": self.max_model_len}]}
+
     def respond(self, path: str, authorization: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        if authorization != f"Bearer {self.api_key}":
-            with self._lock:
-                self.unauthorized += 1
-            return 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}}
+        refused = self._refused(authorization)
+        if refused:
+            return refused
         if path != "/v1/chat/completions":
             return 404, {"error": {"message": f"Unknown path {path}", "type": "invalid_request_error"}}
         if self.broken == "500":
@@ -293,10 +346,17 @@ class GarbageServer:
         max_tokens = int(request.get("max_tokens") or 256)
         json_mode = (request.get("response_format") or {}).get("type") == "json_object"
         text, finish = self.script.reply(messages, int(request.get("seed") or 0), max_tokens, json_mode)
-        prompt_tokens = sum(len(m["content"].split()) for m in messages)
-        tokens = max_tokens if finish == "length" else len(text.split())
+        prompt_tokens = sum(count_tokens(m["content"]) for m in messages)
+        tokens = max_tokens if finish == "length" else count_tokens(text)
+        self.served(prompt_tokens, tokens)
+        with self._lock:
+            self.requests += 1
+            number = self.requests
         return 200, {
-            "id": f"chatcmpl-{len(self.records)}", "object": "chat.completion", "created": 0, "model": request.get("model", ""),
+            "id": f"chatcmpl-{number}", "object": "chat.completion", "created": 0, "model": request.get("model", ""),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
         }
+
+    def served(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Called once per answered request before the reply leaves (the stand-in spends its decode time here)."""

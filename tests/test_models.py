@@ -102,9 +102,8 @@ def test_model_code_runs_only_when_the_config_trusts_it(tmp_path: Path) -> None:
 
 def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Baichuan2/Qwen-7B scoring models keep their remote code: the score stage must pass the setting to its actors."""
-    import ray
-
     import unifit.raycluster
+    import unifit.selection.score
     from unifit.config import UnifitConfig
     from unifit.records import Instance, write_instances
     from unifit.selection.stage import run_score
@@ -112,15 +111,18 @@ def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, 
 
     built: dict = {}
 
-    class RecordingDataset:  # stands in for ray.data: records how the scoring actors would be built
+    class RecordingDataset:  # stands in for the streamed instances: records how the scoring actors would be built
+        def repartition(self, **kwargs: object) -> "RecordingDataset":
+            return self
+
         def map_batches(self, fn: object, **kwargs: object) -> "RecordingDataset":
             built.update(kwargs["fn_constructor_kwargs"])  # type: ignore[arg-type]
             return self
 
         def take_all(self) -> list:  # what each scored shard reports; nothing is scored here
-            return []
+            return [{"shard": shard, "node": "n"} for shard, _, _ in built["shards"].values()]
 
-    monkeypatch.setattr(ray.data, "from_items", lambda items: RecordingDataset())
+    monkeypatch.setattr(unifit.selection.score, "stream_parquet", lambda files, columns: RecordingDataset())
     monkeypatch.setattr(unifit.raycluster, "ensure_ray", lambda cluster: None)
     messages = [{"role": "user", "content": "What is DNS?"}, {"role": "assistant", "content": "A naming system."}]
     write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "imported", "t")], tmp_path / "generate" / "instances" / "a.parquet")

@@ -66,14 +66,44 @@ def write_parquet(rows: list[dict[str, Any]], path: str | Path, schema: pa.Schem
     return path
 
 
+def parquet_files(path: str | Path) -> list[Path]:
+    """One parquet file, or every `*.parquet` in a directory, sorted: the row order every reader agrees on."""
+    path = Path(path)
+    return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+
+
 def read_parquet(path: str | Path) -> list[dict[str, Any]]:
     """Rows of one parquet file or of every `*.parquet` in a directory (sorted, so order is stable)."""
-    path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     rows: list[dict[str, Any]] = []
-    for file in files:
+    for file in parquet_files(path):
         rows.extend(pq.read_table(file).to_pylist())
     return rows
+
+
+def read_column(files: Iterable[str | Path], column: str) -> list[Any]:
+    """One column of the files, in order, without reading the others (ids and scores, never whole conversations)."""
+    values: list[Any] = []
+    for file in files:
+        values.extend(pq.read_table(file, columns=[column]).column(column).to_pylist())
+    return values
+
+
+def count_rows(files: Iterable[str | Path]) -> int:
+    """Rows in the files, from their footers."""
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+
+
+def stream_parquet(files: Iterable[str | Path], columns: list[str]) -> Any:
+    """A Ray Dataset over the files' rows in file order (order preserved through every later transform).
+
+    Order matters downstream: score shards and training batches are defined by position, and resume needs
+    the same positions on every run.
+    """
+    import ray.data
+
+    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None)
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def write_instances(instances: Iterable[Instance | dict[str, Any]], path: str | Path) -> Path:

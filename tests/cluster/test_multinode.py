@@ -109,6 +109,7 @@ def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, 
 
     from unifit.models import resolve_model_dir
     from unifit.raycluster import ensure_ray
+    from unifit.records import write_parquet
     from unifit.selection.ifd import score_conversations
     from unifit.selection.score import score_sharded
 
@@ -120,7 +121,8 @@ def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, 
     ensure_ray(ClusterConfig(address=two_nodes))
     # Both actors up before the first shard is handed out: else the first one ready may score every shard.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
-    counts = score_sharded(rows, tmp_path / "scores", model_dir=model_dir, actors=2, cpus_per_actor=1, gpus_per_actor=0,
+    write_parquet(rows, tmp_path / "instances.parquet")
+    counts = score_sharded(tmp_path / "instances.parquet", tmp_path / "scores", model_dir=model_dir, actors=2, cpus_per_actor=1, gpus_per_actor=0,
                            dtype="float32", max_length=512, max_tokens_per_batch=256, shard_size=2)
 
     placement = {key: counts[key] for key in ("shards", "shards_computed", "shards_reused", "nodes")}

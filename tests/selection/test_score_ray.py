@@ -67,7 +67,7 @@ def test_two_actors_equal_one_actor_and_resume(ray_local, run_dir: Path, tiny_mo
     two = by_id(read_parquet(run_dir / "score" / "scores"))
 
     one_dir = run_dir / "one_actor"
-    score_sharded(instances(), one_dir, model_dir=run_dir / "train_scorer" / "model", actors=1, cpus_per_actor=1,
+    score_sharded(run_dir / "generate" / "instances", one_dir, model_dir=run_dir / "train_scorer" / "model", actors=1, cpus_per_actor=1,
                   gpus_per_actor=0, dtype="float32", max_length=MAX_LENGTH, max_tokens_per_batch=128, shard_size=4)
     assert_same_scores(two, by_id(read_parquet(one_dir)), tol=1e-6)
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Union
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
 from unifit.report.plots import plot_diversity_radar, plot_funnel, plot_ratio_curve, plot_win_rates
 from unifit.report.selection import selection_blocks
+from unifit.report.tree_view import TREE_CSS, tree_outline
 from unifit.stage import read_json
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 SETTINGS: tuple[str, ...] = ("Pithy", "All", "Pithy NE", "All NE")  # Table 1 columns of the paper
 
 # A report is a list of sections; each block renders to both HTML and Markdown:
-# ("p", text), ("note", text), ("img", file, alt), ("table", header, rows), ("details", summary, header, rows).
+# ("p", text), ("note", text), ("img", file, alt), ("table", header, rows), ("details", summary, header, rows),
+# ("html", markup escaped by its producer, markdown).
 Block = Union[tuple[str, str], tuple[str, list[str], list[list[str]]], tuple[str, str, str], tuple[str, str, list[str], list[list[str]]]]
 REJECT_LABELS = {  # generate-stage filter counters -> what a reader understands
     "truncated": "answer cut off at the token limit", "empty": "empty question or answer", "refusal": "answer refuses",
@@ -311,9 +313,14 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
                            "data funnel"))
         else:
             blocks.append(("note", f"Not run: {run.run_dir / 'generate' / 'report.json'} is missing (the generate stage has not run)."))
+        outline = tree_outline(run.run_dir, out_dir, f"{_prefix(run, many)}tree.html")
+        if outline is not None:
+            blocks.append(("html", outline.html, outline.markdown))
         for stage, image, alt in (("generate", "tree.png", "concept tree"), ("select", "ifd_hist.png", "IFD histogram")):
             picture = run.run_dir / stage / image
-            if picture.exists():
+            if stage == "generate" and outline is not None and not outline.png_readable:
+                log.info("report: %s has too many leaves to draw; the outline replaces the picture", run.label)
+            elif picture.exists():
                 blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{image}"), alt))
             else:
                 blocks.append(("note", f"Not run: {picture} is missing (the {stage} stage has not run)."))
@@ -360,7 +367,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}{TREE_CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>"]
     for heading, blocks in sections:
         out.append(f"<h2>{html.escape(heading)}</h2>")
@@ -374,6 +381,8 @@ def render_html(title: str, sections: Sequence[tuple[str, list[Block]]]) -> str:
                 out.append(f"<p><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'></p>")
             elif kind == "details":
                 out.append(f"<details><summary>{html.escape(block[1])}</summary>{_html_table(block[2], block[3])}</details>")
+            elif kind == "html":
+                out.append(block[1])
             else:
                 out.append(_html_table(block[1], block[2]))
     out.append("</body></html>")
@@ -393,6 +402,8 @@ def render_markdown(title: str, sections: Sequence[tuple[str, list[Block]]]) -> 
                 out += [f"> **Note:** {block[1]}", ""]
             elif kind == "img":
                 out += [f"![{block[2]}]({block[1]})", ""]
+            elif kind == "html":
+                out += [block[2], ""]
             else:
                 header, rows = (block[2], block[3]) if kind == "details" else (block[1], block[2])
                 if kind == "details":

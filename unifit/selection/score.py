@@ -1,23 +1,23 @@
-"""IFD scoring of the whole dataset: Ray Data `map_batches` over an actor pool, one scoring model per actor.
+"""IFD scoring of the whole dataset, streamed: Ray Data reads the instance shards, an actor pool scores them.
 
-The instances are cut into fixed shards (input order, `shard_size` rows); each shard is one Ray Data row,
-and the actor that scores it writes `shard-XXXXX.parquet` itself, atomically. A rerun checks which shards
-already exist with exactly the expected ids and sends only the others to Ray, so an interrupted scoring
-run resumes where it stopped. Actors get everything through constructor arguments (no module globals
-inside workers) and the pool is fed by `from_items` (a CPU task stage such as `range` upstream of a pool
-that takes every CPU can deadlock; see FIELD-NOTES).
+The instances are cut into fixed shards (file order, `shard_size` rows). The driver reads only their ids:
+it finds which shards already exist with exactly the expected ids, and Ray Data streams the others from
+parquet (`read_parquet` → drop the rows of finished shards → blocks of exactly `shard_size` rows, in order)
+to actors that load the scoring model once and write `shard-XXXXX.parquet` themselves, atomically. So an
+interrupted scoring run resumes where it stopped, and no conversation passes through the driver. Actors get
+everything through constructor arguments (no module globals inside workers). The pool may shrink to one
+actor: a fixed pool that takes every CPU downstream of Ray Data's read tasks can starve them and hang.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from unifit.records import write_parquet
+from unifit.records import parquet_files, read_column, stream_parquet, write_parquet
 from unifit.selection.ifd import IFDCost
 
 SCORE_SCHEMA = pa.schema([
@@ -34,9 +34,6 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
-COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
-
-
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard-{index:05d}.parquet"
 
@@ -46,12 +43,23 @@ def _shard_done(path: Path, ids: list[str]) -> bool:
 
     return path.exists() and pq.read_table(path, columns=["id"]).column("id").to_pylist() == ids
 
+COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
+
+
+class ShardBoundaryError(RuntimeError):
+    """A block handed to a scorer is not exactly one shard (Ray Data re-cut or reordered the stream)."""
+
 
 class ShardScorer:
-    """Ray Data actor: loads the scoring model once, then scores and writes whole shards."""
+    """Ray Data actor: loads the scoring model once, then scores and writes whole shards (one block each).
+
+    `shards`: first id -> (shard index, last id, rows) of every shard to score; a block is written only if
+    it matches one exactly, so a stream cut differently can never write rows under the wrong shard.
+    """
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
-                 max_tokens_per_batch: int, chat_template: Optional[str] = None, trust_remote_code: bool = False) -> None:
+                 max_tokens_per_batch: int, shards: dict[str, tuple[int, str, int]], chat_template: Optional[str] = None,
+                 trust_remote_code: bool = False) -> None:
         import ray
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,39 +74,50 @@ class ShardScorer:
         self.out_dir = Path(out_dir)
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.shards = shards
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, block: pa.Table) -> dict[str, Any]:
         import numpy as np
 
         from unifit.selection.ifd import IFDCost, score_conversations
 
-        done: dict[str, list[Any]] = {"shard": [], "rows": [], "truncated": [], "seconds": [], "node": [],
-                                      **{name: [] for name in COST_FIELDS}}
-        for shard, payload in zip(batch["shard"], batch["payload"]):
-            start = time.perf_counter()
-            rows = json.loads(payload)
-            cost = IFDCost()
-            scores = score_conversations(self.model, self.tokenizer, [row["messages"] for row in rows],
-                                         max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
-                                         cost=cost)
-            for name in COST_FIELDS:
-                done[name].append(getattr(cost, name))
-            out = [{"id": row["id"], "leaf_id": row["leaf_id"], "concept_path": list(row["concept_path"]), **score}
-                   for row, score in zip(rows, scores)]
-            write_parquet(out, shard_path(self.out_dir, int(shard)), SCORE_SCHEMA)
-            done["shard"].append(int(shard))
-            done["rows"].append(len(out))
-            done["truncated"].append(sum(score["truncated"] for score in scores))
-            done["seconds"].append(time.perf_counter() - start)
-            done["node"].append(self.node)
+        start = time.perf_counter()
+        rows = block.to_pylist()
+        first, last = rows[0]["id"], rows[-1]["id"]
+        if first not in self.shards or self.shards[first][1:] != (last, len(rows)):
+            raise ShardBoundaryError(f"a block of {len(rows)} rows ({first}..{last}) is not one IFD score shard")
+        shard = self.shards[first][0]
+        cost = IFDCost()
+        scores = score_conversations(self.model, self.tokenizer, [row["messages"] for row in rows],
+                                     max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
+                                     cost=cost)
+        out = [{"id": row["id"], "leaf_id": row["leaf_id"], "concept_path": list(row["concept_path"]), **score}
+               for row, score in zip(rows, scores)]
+        write_parquet(out, shard_path(self.out_dir, shard), SCORE_SCHEMA)
+        done = {"shard": [shard], "rows": [len(out)], "truncated": [sum(score["truncated"] for score in scores)],
+                "seconds": [time.perf_counter() - start], "node": [self.node],
+                **{name: [getattr(cost, name)] for name in COST_FIELDS}}
         return {key: np.asarray(value) for key, value in done.items()}
 
 
-def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_dir: str | Path, actors: int,
+def _drop_ids(ids: frozenset[str]) -> Any:
+    """A Ray Data batch function that removes the rows whose id is in `ids` (the finished shards' rows)."""
+    import pyarrow.compute as pc
+
+    excluded = pa.array(sorted(ids), type=pa.string())
+
+    def drop(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=excluded)))
+
+    return drop
+
+
+def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
                   trust_remote_code: bool = False) -> dict[str, Any]:
-    """Score `rows` (instances) into `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
+    """Score the instances (a parquet file, a directory of them, or a list of files, in that order) into
+    `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
     Returns shard counts, `nodes` (how many Ray nodes' actors scored this call's shards, 0 if none were left) and,
     for this call's shards, the machine-independent cost of `IFDCost.summary` (padding efficiency, FLOPs per scored
@@ -110,33 +129,40 @@ def score_sharded(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, model_
     """
     import ray
 
+    files = parquet_files(instances) if isinstance(instances, (str, Path)) else [Path(f) for f in instances]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = [list(rows[i : i + shard_size]) for i in range(0, len(rows), shard_size)]
+    ids = read_column(files, "id")
+    shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
     expected = {shard_path(out_dir, index) for index in range(len(shards))}
     for stale in out_dir.glob("shard-*.parquet"):  # from a larger earlier run: would be read as scores
         if stale not in expected:
             stale.unlink()
-    todo = [index for index, shard in enumerate(shards)
-            if not _shard_done(shard_path(out_dir, index), [row["id"] for row in shard])]
-    nodes = 0
+    todo = [index for index, shard in enumerate(shards) if not _shard_done(shard_path(out_dir, index), shard)]
+    n_shards, nodes = len(shards), 0
     cost = IFDCost()
     if todo:
-        items = [{"shard": index, "payload": json.dumps([
-            {"id": r["id"], "leaf_id": r["leaf_id"], "concept_path": list(r["concept_path"]), "messages": list(r["messages"])}
-            for r in shards[index]])} for index in todo]
+        todo_set = set(todo)
+        finished = frozenset(i for index, shard in enumerate(shards) if index not in todo_set for i in shard)
+        bounds = {shards[index][0]: (index, shards[index][-1], len(shards[index])) for index in todo}
+        del ids, shards
         on_gpu = gpus_per_actor > 0
         constructor = dict(model_dir=str(model_dir), out_dir=str(out_dir), device="cuda" if on_gpu else "cpu",
                            dtype=dtype if on_gpu else "float32", max_length=max_length,
-                           max_tokens_per_batch=max_tokens_per_batch, chat_template=chat_template,
+                           max_tokens_per_batch=max_tokens_per_batch, shards=bounds, chat_template=chat_template,
                            trust_remote_code=trust_remote_code)
-        pool = ray.data.ActorPoolStrategy(size=min(actors, len(todo)))
-        scored = ray.data.from_items(items).map_batches(
-            ShardScorer, batch_size=1, compute=pool, fn_constructor_kwargs=constructor, num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor,
+        dataset = stream_parquet(files, ["id", "leaf_id", "concept_path", "messages"])
+        if finished:
+            dataset = dataset.map_batches(_drop_ids(finished), batch_format="pyarrow", batch_size=None)
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(actors, len(todo)))
+        scored = dataset.repartition(target_num_rows_per_block=shard_size, strict=True).map_batches(
+            ShardScorer, batch_size=None, batch_format="pyarrow", compute=pool, fn_constructor_kwargs=constructor,
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
         ).take_all()
+        if sorted(row["shard"] for row in scored) != todo:
+            raise ShardBoundaryError(f"{out_dir}: scored shards {sorted(row['shard'] for row in scored)}, expected {todo}")
         nodes = len({row["node"] for row in scored})
         for row in scored:
             cost.add(IFDCost(**{name: (float if name.endswith("flops") else int)(row[name]) for name in COST_FIELDS}))
-    return {"shards": len(shards), "shards_computed": len(todo), "shards_reused": len(shards) - len(todo), "nodes": nodes,
+    return {"shards": n_shards, "shards_computed": len(todo), "shards_reused": n_shards - len(todo), "nodes": nodes,
             **{key: value for key, value in cost.summary().items() if value is not None}}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from unifit.config import DataConfig, ModelConfig
-from unifit.records import read_parquet, write_instances
+from unifit.records import count_rows, parquet_files, read_column, read_parquet, write_instances
 from unifit.selection.pithy import coverage, plot_ifd_histogram, select_pithy
 from unifit.selection.sample import draw_sample
 from unifit.stage import StageContext, UserError, write_json
@@ -27,6 +27,15 @@ def _all_instances(ctx: StageContext) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
     return rows
+
+
+def _instance_files(ctx: StageContext) -> list[Path]:
+    """The instance shards, for stages that stream them rather than load them."""
+    path = ctx.stage_dir("generate") / "instances"
+    files = parquet_files(path) if path.exists() else []
+    if not count_rows(files):
+        raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
+    return files
 
 
 def run_sample(ctx: StageContext) -> dict[str, Any]:
@@ -50,15 +59,15 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
                             "(or set select.train_scorer=false to score with the scorer as configured)")
     else:
         model_dir = _model_dir(ctx, scorer)
-    rows = _all_instances(ctx)
+    files = _instance_files(ctx)
     ensure_ray(cfg.cluster)
     start = time.perf_counter()
-    counts = _score(ctx, rows, ctx.out_dir / "scores", model_dir, scorer)
+    counts = _score(ctx, files, ctx.out_dir / "scores", model_dir, scorer)
     seconds = time.perf_counter() - start
-    scores = read_parquet(ctx.out_dir / "scores")
-    counts.update(scored=sum(not s["truncated"] for s in scores), truncated=sum(s["truncated"] for s in scores),
-                  context_truncated=sum(s["context_truncated"] for s in scores), score_seconds=round(seconds, 3),
-                  scorer_trained=int(cfg.select.train_scorer))
+    truncated = read_column(parquet_files(ctx.out_dir / "scores"), "truncated")
+    context_truncated = read_column(parquet_files(ctx.out_dir / "scores"), "context_truncated")
+    counts.update(scored=truncated.count(False), truncated=sum(truncated), context_truncated=sum(context_truncated),
+                  score_seconds=round(seconds, 3), scorer_trained=int(cfg.select.train_scorer))
     return counts
 
 
@@ -69,14 +78,15 @@ def _model_dir(ctx: StageContext, model: ModelConfig) -> Path | str:
     return resolve_model_dir(model, ctx.cfg.cache_dir)
 
 
-def _score(ctx: StageContext, rows: list[dict[str, Any]], out_dir: Path, model_dir: Path | str,
+def _score(ctx: StageContext, instances: list[Path], out_dir: Path, model_dir: Path | str,
            served_as: ModelConfig) -> dict[str, Any]:
-    """IFD of `rows` under the model in `model_dir`, served with `served_as`'s dtype, context and template."""
+    """IFD of the instances in the parquet files `instances` under the model in `model_dir`, served with
+    `served_as`'s dtype, context and template."""
     from unifit.selection.score import score_sharded
 
     cfg = ctx.cfg
     return score_sharded(
-        rows, out_dir, model_dir=model_dir, actors=cfg.cluster.scoring_actors,
+        instances, out_dir, model_dir=model_dir, actors=cfg.cluster.scoring_actors,
         cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=served_as.dtype,
         max_length=served_as.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
         shard_size=cfg.select.score_shard_size, chat_template=served_as.chat_template,
@@ -149,8 +159,8 @@ def _check_scorer(ctx: StageContext, instances: list[dict[str, Any]], scores: li
     ids = set(check_sample([row["id"] for row in instances], size, cfg.select.agreement_seed))
     start = time.perf_counter()
     ensure_ray(cfg.cluster)
-    _score(ctx, [row for row in instances if row["id"] in ids], ctx.out_dir / "agreement_scores",
-           _model_dir(ctx, cfg.model), cfg.model)
+    checked = write_instances([row for row in instances if row["id"] in ids], ctx.out_dir / "agreement_instances.parquet")
+    _score(ctx, [checked], ctx.out_dir / "agreement_scores", _model_dir(ctx, cfg.model), cfg.model)
     seconds = time.perf_counter() - start
     reference = read_parquet(ctx.out_dir / "agreement_scores")
     scorer = [row for row in scores if row["id"] in ids]

@@ -1,0 +1,216 @@
+"""How every stage's cost grows with the number of instances: the real pipeline, shaped like cyber_500k, at scale.
+
+`python bench/scale_bench.py --instances 5000` runs `python -m unifit.launch +experiment=cyber_500k` (five
+scopes, two turns, 100 questions per leaf; the tree is 5 × 10^depth leaves, so 5K, 50K and 500K instances
+are depth 1, 2 and 3) one stage at a time, each stage its own driver process, against the stand-in GPU
+server (tests/standin_server.py, a separate process): generation through the `openai` backend, the judge
+the stand-in too, IFD scoring and training on `model=random_1x16` (1 layer, 16 wide: the data path is real,
+the model's compute negligible), training capped at `--train-steps`. Per stage it prints wall time, the
+driver's peak RSS, the largest Ray worker's peak RSS, the object store's peak (shared memory the raylet has
+touched), model loads (when the stage reports them), time inside model calls (the stand-in busy) and
+outside them; then the pipeline's own time per 1,000 instances against what one GPU would spend decoding
+those instances' tokens at `--gpu-tokens-per-s`. A rerun with the same `--out` resumes: finished stages are
+skipped by the pipeline (their numbers are then those of the run that computed them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from standin_server import parse_prometheus  # noqa: E402
+
+STAGES = ("generate", "sample", "train_scorer", "score", "select", "finetune", "evaluate", "report")
+KEY_ENV = "UNIFIT_STANDIN_KEY"
+QUESTIONS_PER_LEAF, SUBCONCEPTS, SCOPES = 100, 10, 5
+
+
+def shape(instances: int) -> tuple[int, int]:
+    """(depth, questions per leaf) of the cyber_500k-shaped tree closest to `instances` (5 scopes × 10^depth leaves)."""
+    depth = max(0, round(math.log10(max(1, instances / (SCOPES * QUESTIONS_PER_LEAF)))))
+    leaves = SCOPES * SUBCONCEPTS**depth
+    return depth, max(1, round(instances / leaves))
+
+
+def overrides(instances: int, url: str, run_dir: Path, *, train_steps: int, test_questions: int) -> list[str]:
+    """The launch command's overrides: cyber_500k, made local and pointed at the stand-in."""
+    depth, questions = shape(instances)
+    return ["+experiment=cyber_500k", "model=random_1x16", "backend=openai", "cluster=local", "deepspeed=zero2",
+            f"backend.url={url}", "backend.api_model=standin-llm", f"backend.api_key_env={KEY_ENV}",
+            "backend.max_new_tokens=16384", "backend.batch_size=64",
+            f"judge_backend.url={url}", "judge_backend.api_model=standin-llm", f"judge_backend.api_key_env={KEY_ENV}",
+            "judge.name=standin-llm", "judge.path=standin-llm",
+            f"generate.depth={depth}", f"generate.questions_per_leaf={questions}", "generate.self_instruct_target=0",
+            "select.max_ifd=2",  # a random model's IFD is ~1: the paper's IFD < 1 cut could keep nothing
+            f"train.max_steps={train_steps}", "train.global_batch_size=4", "train.micro_batch_size=4",
+            "train.gradient_checkpointing=false", f"evaluate.num_test_questions={test_questions}",
+            "evaluate.answer_max_new_tokens=32", "evaluate.diversity_draws=1", "evaluate.diversity_sample_size=20",
+            "wandb.mode=disabled", f"run_dir={run_dir}"]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    wall_s: float
+    stage_s: Optional[float]  # the pipeline's own timer (manifest), without process start
+    driver_peak_gb: float
+    worker_peak_gb: float
+    object_store_peak_gb: float
+    model_loads: Optional[int]
+    model_call_s: float  # the stand-in had a request in flight
+    completion_tokens: int
+
+    @property
+    def outside_s(self) -> float:
+        return max(0.0, self.wall_s - self.model_call_s)
+
+
+def _kib(status: str, field: str) -> int:
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+class Watcher:
+    """Polls the driver and its descendants: peak RSS of the driver, of the largest Ray worker, and the raylet's
+    shared memory (the object store's pages) — /proc's high-water marks, so short peaks between polls count."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.driver = self.worker = self.store = 0
+
+    def poll(self) -> None:
+        self.driver = max(self.driver, _kib(_status(self.pid), "VmHWM"))
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            status = _status(child.pid)
+            name = status.splitlines()[0].split(None, 1)[-1] if status else ""
+            if "raylet" in name:
+                self.store = max(self.store, _kib(status, "RssShmem"))
+            elif name.startswith("ray::"):
+                self.worker = max(self.worker, _kib(status, "VmHWM"))
+
+
+def server_metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as response:
+        values = parse_prometheus(response.read().decode())
+    return {"busy": sum(v for k, v in values.items() if k.startswith("standin:busy_seconds_total")),
+            "tokens": sum(v for k, v in values.items() if k.startswith("vllm:generation_tokens_total"))}
+
+
+def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env: dict[str, str]) -> StageResult:
+    command = [sys.executable, "-m", "unifit.launch", *overrides(args.instances, url, run_dir, train_steps=args.train_steps,
+                                                                 test_questions=args.test_questions), f"stages=[{stage}]"]
+    before = server_metrics(url)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = Watcher(process.pid)
+    while process.poll() is None:
+        watcher.poll()
+        time.sleep(0.5)
+    wall = time.perf_counter() - start
+    output = process.stdout.read() if process.stdout else ""
+    if process.returncode:
+        raise SystemExit(f"stage {stage} failed (exit {process.returncode}):\n{output[-4000:]}")
+    after = server_metrics(url)
+    manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+    loads = manifest["metrics"].get("model_loads")
+    return StageResult(stage, wall, manifest.get("seconds"), watcher.driver / 2**20, watcher.worker / 2**20,
+                       watcher.store / 2**20, loads, after["busy"] - before["busy"], int(after["tokens"] - before["tokens"]))
+
+
+def start_server(args: argparse.Namespace, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "standin_server.py"), "--api-key-env", KEY_ENV,
+                               "--seconds-per-token", str(args.seconds_per_token), "--answer-words", str(args.answer_words)],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    return server, json.loads(server.stdout.readline())["url"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=5000, help="about this many (5 × 10^depth leaves × questions)")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new temporary one); reuse to resume")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in pipeline order")
+    parser.add_argument("--train-steps", type=int, default=50, help="train.max_steps of every fine-tune")
+    parser.add_argument("--test-questions", type=int, default=100)
+    parser.add_argument("--answer-words", type=int, default=60, help="the stand-in's mean answer length")
+    parser.add_argument("--seconds-per-token", type=float, default=0.0, help="the stand-in's decode delay (0 = full speed)")
+    parser.add_argument("--gpu-tokens-per-s", type=float, default=2500.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    run_dir = (args.out or Path(tempfile.mkdtemp(prefix="scale_bench-"))).resolve()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="usb", dir="/tmp"))  # short: Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: uuid.uuid4().hex, "RAY_TMPDIR": str(ray_tmp),
+           "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    server, url = start_server(args, env)
+    results: list[StageResult] = []
+    try:
+        for stage in args.stages.split(","):
+            results.append(run_stage(stage, args, url, run_dir, env))
+            r = results[-1]
+            print(f"{stage}: {r.wall_s:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+    instances = sum(pq_rows(run_dir / "generate" / "instances"))
+    print_table(results, instances, args, run_dir)
+    if args.json:
+        args.json.write_text(json.dumps({"instances": instances, "run_dir": str(run_dir), "args": vars(args) | {"out": str(args.out), "json": str(args.json)},
+                                         "stages": [asdict(r) | {"outside_s": r.outside_s} for r in results]}, indent=2))
+    return 0
+
+
+def pq_rows(path: Path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return [pq.ParquetFile(f).metadata.num_rows for f in sorted(path.glob("*.parquet"))]
+
+
+def print_table(results: list[StageResult], instances: int, args: argparse.Namespace, run_dir: Path) -> None:
+    print(f"\n{instances:,} instances, run directory {run_dir}")
+    print("| stage | wall s | stage s | driver peak GB | largest worker GB | object store GB | model loads | in model calls s | outside s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        loads = "–" if r.model_loads is None else str(r.model_loads)
+        stage_s = "–" if r.stage_s is None else f"{r.stage_s:.1f}"
+        print(f"| {r.stage} | {r.wall_s:.1f} | {stage_s} | {r.driver_peak_gb:.2f} | {r.worker_peak_gb:.2f} | "
+              f"{r.object_store_peak_gb:.2f} | {loads} | {r.model_call_s:.1f} | {r.outside_s:.1f} |")
+    tokens = sum(r.completion_tokens for r in results)
+    own = sum(r.outside_s for r in results)
+    per_k = 1000 / max(1, instances)
+    gpu = tokens / args.gpu_tokens_per_s
+    print(f"\npipeline's own time per 1,000 instances: {own * per_k:.1f} s; one GPU's decode time for their "
+          f"{tokens * per_k:,.0f} output tokens at {args.gpu_tokens_per_s:,.0f} tokens/s: {gpu * per_k:.1f} s "
+          f"(own time = {own / gpu:.0%} of it; goal <= 10%)" if gpu else "\nno output tokens were generated")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
