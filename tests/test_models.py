@@ -109,20 +109,16 @@ def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, 
     from unifit.selection.stage import run_score
     from unifit.stage import StageContext
 
+    class Recorded(Exception):
+        """Stops the stage once it has called the scorer: what the actors would be built with is all this test needs."""
+
     built: dict = {}
 
-    class RecordingDataset:  # stands in for the streamed instances: records how the scoring actors would be built
-        def repartition(self, **kwargs: object) -> "RecordingDataset":
-            return self
+    def record(*args: object, **kwargs: object) -> None:
+        built.update(kwargs)
+        raise Recorded
 
-        def map_batches(self, fn: object, **kwargs: object) -> "RecordingDataset":
-            built.update(kwargs["fn_constructor_kwargs"])  # type: ignore[arg-type]
-            return self
-
-        def take_all(self) -> list:  # what each scored shard reports; nothing is scored here
-            return [{"shard": shard, "node": "n"} for shard, _, _ in built["shards"].values()]
-
-    monkeypatch.setattr(unifit.selection.score, "stream_parquet", lambda files, columns: RecordingDataset())
+    monkeypatch.setattr(unifit.selection.score, "score_sharded", record)
     monkeypatch.setattr(unifit.raycluster, "ensure_ray", lambda cluster: None)
     messages = [{"role": "user", "content": "What is DNS?"}, {"role": "assistant", "content": "A naming system."}]
     write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "imported", "t")], tmp_path / "generate" / "instances" / "a.parquet")
@@ -130,7 +126,9 @@ def test_scoring_actors_get_the_model_configs_trust_remote_code(tmp_path: Path, 
     (tmp_path / "train_scorer" / "model" / "config.json").write_text("{}")
     for trusted in (True, False):
         model = ModelConfig(name="remote", source="random", random_init={"model_type": "llama"}, trust_remote_code=trusted)
-        run_score(StageContext(UnifitConfig(model=model), tmp_path, "score"))
+        with pytest.raises(Recorded):
+            run_score(StageContext(UnifitConfig(model=model), tmp_path, "score"))
         assert built["trust_remote_code"] is trusted
-        run_score(StageContext(UnifitConfig(scorer=model), tmp_path, "score"))  # a separate scorer's setting, not the base model's
+        with pytest.raises(Recorded):  # a separate scorer's setting, not the base model's
+            run_score(StageContext(UnifitConfig(scorer=model), tmp_path, "score"))
         assert built["trust_remote_code"] is trusted

@@ -5,8 +5,9 @@ it finds which shards already exist with exactly the expected ids, and Ray Data 
 parquet (`read_parquet` → drop the rows of finished shards → blocks of exactly `shard_size` rows, in order)
 to actors that load the scoring model once and write `shard-XXXXX.parquet` themselves, atomically. So an
 interrupted scoring run resumes where it stopped, and no conversation passes through the driver. Actors get
-everything through constructor arguments (no module globals inside workers). The pool may shrink to one
-actor: a fixed pool that takes every CPU downstream of Ray Data's read tasks can starve them and hang.
+everything through constructor arguments (no module globals inside workers). CPU actors never all start
+at once when they would hold every CPU: a pool that takes every CPU downstream of Ray Data's read tasks
+starves them and hangs (see `_pool_sizes`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,21 @@ def _drop_ids(ids: frozenset[str]) -> Any:
     return drop
 
 
+def _pool_sizes(wanted: int, cpus_per_actor: float, gpus_per_actor: float) -> tuple[int, int]:
+    """(min, max) actors of the scoring pool.
+
+    GPU actors leave the CPUs to Ray Data's read and re-cut tasks, so all of them start before the first shard is
+    handed out (else the first one ready may score every shard). CPU actors start only as many as leave one CPU of
+    the cluster to those tasks; the pool grows from there while they are fed.
+    """
+    import ray
+
+    if gpus_per_actor > 0 or cpus_per_actor <= 0:
+        return wanted, wanted
+    spare = ray.cluster_resources().get("CPU", 0.0) - 1
+    return max(1, min(wanted, int(spare // cpus_per_actor))), wanted
+
+
 def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
@@ -154,7 +170,8 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
         dataset = stream_parquet(files, ["id", "leaf_id", "concept_path", "messages"])
         if finished:
             dataset = dataset.map_batches(_drop_ids(finished), batch_format="pyarrow", batch_size=None)
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(actors, len(todo)))
+        least, most = _pool_sizes(min(actors, len(todo)), cpus_per_actor, gpus_per_actor)
+        pool = ray.data.ActorPoolStrategy(min_size=least, max_size=most)
         scored = dataset.repartition(target_num_rows_per_block=shard_size, strict=True).map_batches(
             ShardScorer, batch_size=None, batch_format="pyarrow", compute=pool, fn_constructor_kwargs=constructor,
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
