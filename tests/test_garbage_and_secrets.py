@@ -32,7 +32,7 @@ from garbage_server import (EMPTY, GARBAGE_KINDS, GOOD, OTHER_LANGUAGE, REPETITI
                             Script, ScriptedModel)
 
 from unifit.config import STAGES, EvaluateConfig, GenerateConfig
-from unifit.generation.parsing import foreign_script
+from unifit.text import foreign_script
 from unifit.llm.base import GenerationParams
 from unifit.llm.openai import EndpointError, OpenAIChatModel
 
@@ -339,7 +339,8 @@ TEST_QUESTION_COUNTER = {EMPTY: "unparseable", WRONG_FORMAT: "unparseable", TRUN
 def test_garbage_at_each_parsing_stage_is_retried_boundedly_then_counted(stage: str, garbage: str) -> None:
     from unifit.generation.instances import generate_leaf_instances
     from unifit.generation.self_instruct import STALL_ROUNDS, run_self_instruct
-    from unifit.generation.tree import FAILED, build_tree
+    from unifit.concept_tree import FAILED
+    from unifit.generation.tree import build_tree
 
     kind = stage.removesuffix("_json")
     script = Script(garbage={kind: garbage})

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from unifit.concept_tree import Node, Tree
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
 from unifit.evaluation import ifeval
 from unifit.evaluation.answers import answer_params, collect_answers, compared_models
@@ -20,12 +21,11 @@ from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
 from unifit.evaluation.test_sets import load_test_set
-from unifit.generation.dedup import first_question
-from unifit.generation.tree import Node, Tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.llm.client import served_name
 from unifit.records import read_parquet, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
+from unifit.text import first_question
 
 log = logging.getLogger(__name__)
 

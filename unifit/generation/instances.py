@@ -12,11 +12,13 @@ import re
 from collections import Counter
 from typing import Callable, Optional, Sequence, TypeVar
 
+from unifit.concept_tree import Node
 from unifit.config import GenerateConfig
-from unifit.generation.parsing import ask_parsed, clean_item, drop_last, foreign_script, is_refusal, parse_list, parse_qa
-from unifit.generation.tree import Node
+from unifit.generation.parsing import clean_item, drop_last, parse_list, parse_qa
+from unifit.llm.asking import ask
 from unifit.llm.base import ChatClient, Conversation, GenerationParams
 from unifit.records import Instance
+from unifit.text import foreign_script, is_refusal
 
 T = TypeVar("T")
 
@@ -80,7 +82,7 @@ def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Call
                 gen: GenerateConfig, model: ChatClient, params: GenerationParams, counts: Counter[str],
                 truncated_key: str) -> list[tuple[Node, T]]:
     """One reply per leaf, parsed into items; a cut-off reply loses its last item (where the cut happened), at most q kept."""
-    asked = ask_parsed(model, prompts, params, parse, gen.max_retries, cut=drop_last)
+    asked = ask(model, prompts, params, parse, max_retries=gen.max_retries, cut=drop_last, reject_foreign_script=True)
     counts["leaf_calls"] += sum(a.attempts for a in asked)
     counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
     kept: list[tuple[Node, T]] = []
@@ -127,10 +129,10 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
         last_questions = [conversations[i][1][-2]["content"] for i in active]
         if gen.leaf_mode == "two_step":
             prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
-            asked = ask_parsed(model, prompts, params, parse_question, gen.max_retries)
+            asked = ask(model, prompts, params, parse_question, max_retries=gen.max_retries, reject_foreign_script=True)
         else:
-            asked = ask_parsed(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries,
-                               cut=drop_last)
+            asked = ask(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa,
+                        max_retries=gen.max_retries, cut=drop_last, reject_foreign_script=True)
         counts["followup_calls"] += sum(a.attempts for a in asked)
         counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
         candidates: list[tuple[int, str, Optional[str]]] = []

@@ -18,10 +18,11 @@ from collections import Counter
 from typing import Optional
 
 from unifit.config import GenerateConfig
-from unifit.generation.dedup import NearDuplicateIndex
+from unifit.dedup import NearDuplicateIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
-from unifit.generation.parsing import ask_parsed, clean_item, drop_last, parse_list
-from unifit.generation.tree import node_id
+from unifit.generation.parsing import clean_item, drop_last, parse_list
+from unifit.concept_tree import node_id
+from unifit.llm.asking import ask
 from unifit.llm.base import ChatClient, GenerationParams
 from unifit.records import Instance
 
@@ -150,7 +151,8 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
         examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
         rng.shuffle(examples)
         prompts.append(_prompt(gen, domain, examples))
-    asked = ask_parsed(model, prompts, params, lambda text: parse_list(text, clean_item), gen.max_retries, cut=drop_last)
+    asked = ask(model, prompts, params, lambda text: parse_list(text, clean_item), max_retries=gen.max_retries, cut=drop_last,
+                reject_foreign_script=True)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
     new: list[str] = []
     for result in asked:

@@ -18,14 +18,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from unifit.concept_tree import Tree
 from unifit.config import UnifitConfig
-from unifit.generation.dedup import NearDuplicateIndex, first_question
+from unifit.dedup import NearDuplicateIndex
 from unifit.generation.instances import generate_leaf_instances
 from unifit.generation.self_instruct import run_self_instruct
-from unifit.generation.tree import Tree, build_tree, draw_tree
+from unifit.generation.tree import build_tree, draw_tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.records import read_parquet, write_instances
 from unifit.stage import StageContext, read_json, write_json
+from unifit.text import first_question
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from unifit.generation.tree import Node, Tree
+from unifit.concept_tree import Node, Tree
 from unifit.records import parquet_files, read_column
 from unifit.stage import read_json
 
