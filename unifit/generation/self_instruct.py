@@ -89,7 +89,7 @@ class NoveltyFilter:
 
 def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[str, str]]:
     listed = "\n".join(f"{i}. {task}" for i, task in enumerate(examples, 1))
-    return [{"role": "user", "content": gen.self_instruct_prompt.format(domain=domain, examples=listed, n=gen.self_instruct_new_per_prompt)}]
+    return [{"role": "user", "content": gen.self_instruct.prompt.format(domain=domain, examples=listed, n=gen.self_instruct.new_per_prompt)}]
 
 
 def run_self_instruct(
@@ -97,8 +97,8 @@ def run_self_instruct(
 ) -> tuple[list[Instance], Counter[str]]:
     """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones)."""
     rng = random.Random(seed)
-    seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct_seeds))
-    novelty = NoveltyFilter(gen.self_instruct_rouge)
+    seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct.seeds))
+    novelty = NoveltyFilter(gen.self_instruct.rouge)
     for task in seeds:
         novelty.remember(task)
     machine: list[str] = []
@@ -106,7 +106,7 @@ def run_self_instruct(
     instances: list[Instance] = []
     counts: Counter[str] = Counter(seed_tasks=len(seeds))
     stalled = 0
-    for round_index in range(gen.self_instruct_max_rounds):
+    for round_index in range(gen.self_instruct.max_rounds):
         needed = target - len(instances)
         if needed <= 0 or stalled >= STALL_ROUNDS:
             break
@@ -144,11 +144,11 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
                       rng: random.Random, model: ChatClient, params: GenerationParams, wanted: int,
                       counts: Counter[str]) -> list[str]:
     """One round of instruction bootstrapping: enough prompts for `wanted` new tasks, filtered and novel."""
-    n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil(wanted / gen.self_instruct_new_per_prompt))
+    n_prompts = max(gen.self_instruct.prompts_per_round, math.ceil(wanted / gen.self_instruct.new_per_prompt))
     prompts = []
     for _ in range(n_prompts):
         n_machine = min(2, len(machine))
-        examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
+        examples = rng.sample(seeds, min(len(seeds), gen.self_instruct.examples - n_machine)) + rng.sample(machine, n_machine)
         rng.shuffle(examples)
         prompts.append(_prompt(gen, domain, examples))
     asked = ask(model, prompts, params, lambda text: parse_list(text, clean_item), max_retries=gen.max_retries, cut=drop_last,

@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 STRUCTURED_OUTPUT_BACKENDS = ("openai", "vllm")
 
 
-def generation_params(cfg: UnifitConfig) -> GenerationParams:
-    return GenerationParams(max_new_tokens=cfg.backend.max_new_tokens, temperature=cfg.backend.temperature, top_p=cfg.backend.top_p,
-                            repetition_penalty=cfg.backend.repetition_penalty, seed=cfg.seed)
-
-
 def load_or_build_tree(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams) -> Tree:
     """The tree is written once; a resumed run must shard the same leaves, so it never regenerates it."""
     path = out_dir / "tree.json"
@@ -97,7 +92,7 @@ def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counte
 
 
 def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams, tree_count: int) -> dict[str, Any]:
-    target = cfg.generate.self_instruct_target or tree_count
+    target = cfg.generate.self_instruct.target or tree_count
     folder = out_dir / "self_instruct"
     marker = folder / "report.json"
     if marker.exists() and read_json(marker).get("target") == target:
@@ -140,7 +135,7 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
     if cfg.data.path:
         return import_data(ctx)
     generator = as_client(generator) if generator is not None else ctx.connect(cfg.generation_model, cfg.backend, "generate")
-    params = generation_params(cfg)
+    params = GenerationParams.from_backend(cfg.backend, cfg.seed)
     out_dir = ctx.out_dir
 
     tree = load_or_build_tree(cfg, out_dir, generator, params)
@@ -155,7 +150,7 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
         "dedup": dict(dedup_counts),
         "instances": dedup_counts["kept"],
     }
-    if cfg.generate.self_instruct:
+    if cfg.generate.self_instruct.enabled:
         report["self_instruct"] = build_self_instruct(cfg, out_dir, generator, params, dedup_counts["kept"])
     write_json(out_dir / "report.json", report)
     log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts["kept"], tree.counts["leaves"],
@@ -170,6 +165,6 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
     for key in ("unparsable_leaf_replies", "truncated", "refusal", "wrong_language", "too_short", "too_long", "empty",
                 "followup_unparsable", "followup_truncated", "shards_generated", "shards_resumed"):
         result[key] = leaf_counts.get(key, 0)
-    if cfg.generate.self_instruct:
+    if cfg.generate.self_instruct.enabled:
         result["self_instruct_instances"] = report["self_instruct"]["instances"]
     return result

@@ -19,12 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from unifit.config import DEFAULT_TOKENS_PER_BATCH
 from unifit.templates import Message, assistant_header_ids, tokenize_conversation
 
 LM_HEAD_ROWS = 4096  # answer positions projected onto the vocabulary at once (bounds the float32 logits buffer)
-# Default forward size on CPU: measured on SmolLM2-135M (2 cores), 2,048 tokens ran ~10 % faster than 4,096
-# (bench/README.md); GPUs want far larger batches (conf/experiment/cyber_500k.yaml sets 32,768).
-DEFAULT_TOKENS_PER_BATCH = 2048
 
 
 @dataclass(frozen=True)
