@@ -204,7 +204,7 @@ class IFDCost:
 def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
                 max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False,
                 cost: IFDCost | None = None) -> list[IFDResult]:
-    """One `IFDResult` per example, in input order (contract in DESIGN.md).
+    """One `IFDResult` per example, in input order: the contract every scorer (the score stage, the benches) relies on.
 
     Each example needs non-empty `answer_ids` and `header_ids` (the direct pass must condition the first
     answer token on something). Results do not depend on batch size or order beyond float rounding.
