@@ -20,7 +20,7 @@ import numpy as np
 
 from unifit.config import EvaluateConfig
 from unifit.evaluation.judge import chooses_by_probability
-from unifit.llm.asking import ask
+from unifit.llm.asking import ask, outcomes
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
 
 DIMENSIONS: tuple[str, ...] = ("scope", "complexity", "practicality", "depth", "clarity", "correlation")
@@ -101,11 +101,8 @@ def diversity(judge: ChatClient | FreeTextModel, sources: Mapping[str, Sequence[
     else:
         method = "text"
         prompts = [prompt.format(n=n, domain=domain, instructions=text) for n, text in listed]
-        asked = ask(judge, [[{"role": "user", "content": p}] for p in prompts], params, parse_scores,
-                    max_retries=max_retries, retry_prompt=retry_prompt.format())
-        parsed = [a.value for a in asked]
-        replies = [a.completion.text for a in asked]
-        retries = sum(a.attempts - 1 for a in asked)
+        parsed, replies, retries = outcomes(ask(judge, [[{"role": "user", "content": p}] for p in prompts], params, parse_scores,
+                                                max_retries=max_retries, retry_prompt=retry_prompt.format()))
     result: dict[str, Any] = {"dimensions": list(DIMENSIONS), "draws": draws, "sample_size": sample_size,
                               "judge": getattr(judge, "name", type(judge).__name__), "retries": retries, "method": method, "sources": {}}
     for name, texts in sources.items():

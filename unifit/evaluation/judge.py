@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from unifit.config import EvaluateConfig
-from unifit.llm.asking import ask
+from unifit.llm.asking import ask, outcomes
 from unifit.llm.base import ChatClient, Choice, Conversation, FreeTextModel, GenerationParams
 
 ORDERING_NAMES: tuple[str, ...] = ("forward", "reverse", "random")
@@ -220,11 +220,9 @@ def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], ju
         replies = ["" if v is None else f"[[{v}]]" for v in verdicts]
     else:
         method = "text"
-        asked = ask(judge, [[{"role": "user", "content": p}] for p in prompts], params, lambda text: parse_verdict(text, k),
-                    max_retries=max_retries, retry_prompt=retry_prompt.format(k=k))
-        verdicts = [a.value for a in asked]
-        replies = [a.completion.text for a in asked]
-        retries = sum(a.attempts - 1 for a in asked)
+        verdicts, replies, retries = outcomes(ask(judge, [[{"role": "user", "content": p}] for p in prompts], params,
+                                                  lambda text: parse_verdict(text, k), max_retries=max_retries,
+                                                  retry_prompt=retry_prompt.format(k=k)))
     votes: list[list[Optional[str]]] = []
     for q in range(len(questions)):
         row = verdicts[n_orders * q:n_orders * q + n_orders]

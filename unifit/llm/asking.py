@@ -26,6 +26,11 @@ class Asked:
     cut_items: int = 0
 
 
+def outcomes(asked: Sequence[Asked]) -> tuple[list[Any], list[str], int]:
+    """The parsed values (None = failed), the last reply texts and the number of re-asks, aligned with `asked`."""
+    return [a.value for a in asked], [a.completion.text for a in asked], sum(a.attempts - 1 for a in asked)
+
+
 def _parse_reply(completion: Completion, conversation: Conversation, parse: Callable[[str], Optional[Any]],
                  cut: Optional[Callable[[Any, str], Any]], reject_foreign_script: bool) -> tuple[Any, int]:
     """The parsed value (None = unusable) and how many items the cut took."""
