@@ -113,8 +113,7 @@ def main() -> None:
     prompts = [[{"role": "user", "content": gen.leaf_prompt.format(q=2, leaf=TOPICS[i % len(TOPICS)], path=f"cybersecurity > {TOPICS[i % len(TOPICS)]}")}]
                for i in range(args.n)]
     backend = BackendConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, cache=False)
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=backend.temperature, top_p=backend.top_p,
-                              repetition_penalty=backend.repetition_penalty, seed=0)
+    params = GenerationParams.from_backend(backend, seed=0)
     cfg = UnifitConfig(model=ModelConfig(), backend=backend,
                        cluster=ClusterConfig(generation_actors=args.actors, cpus_per_actor=1.0, num_cpus=args.actors))
     resolve_model_dir(cfg.model, cfg.cache_dir)  # convert the GGUF once, outside both timings

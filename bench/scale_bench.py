@@ -55,7 +55,7 @@ def overrides(instances: int, url: str, run_dir: Path, *, train_steps: int, test
             "backend.max_new_tokens=16384", "backend.batch_size=64",
             f"judge_backend.url={url}", "judge_backend.api_model=standin-llm", f"judge_backend.api_key_env={KEY_ENV}",
             "judge.name=standin-llm", "judge.path=standin-llm",
-            f"generate.depth={depth}", f"generate.questions_per_leaf={questions}", "generate.self_instruct_target=0",
+            f"generate.depth={depth}", f"generate.questions_per_leaf={questions}", "generate.self_instruct.target=0",
             "select.max_ifd=2",  # a random model's IFD is ~1: the paper's IFD < 1 cut could keep nothing
             f"train.max_steps={train_steps}", "train.global_batch_size=4", "train.micro_batch_size=4",
             "train.gradient_checkpointing=false", f"evaluate.num_test_questions={test_questions}",

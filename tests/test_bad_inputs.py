@@ -198,6 +198,11 @@ def test_cli_missing_model_path_names_the_field(tmp_path: Path) -> None:
     assert_one_line_error(result, "model.path", "/nonexistent/models/Llama-2-7b-hf", "does not exist")
 
 
+def test_cli_moved_config_field_names_its_new_place(tmp_path: Path) -> None:
+    result = launch(tmp_path, "generate.self_instruct_target=2")
+    assert_one_line_error(result, "`generate.self_instruct_target` is now `generate.self_instruct.target`", "rename it")
+
+
 def test_cli_impossible_batch_split_fails_before_any_stage(tmp_path: Path) -> None:
     result = launch(tmp_path, f"--config-dir={BAD}", "+experiment=batch_not_divisible",
                     "data.path=tests/data/import/alpaca.json")

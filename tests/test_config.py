@@ -77,3 +77,40 @@ def test_generator_and_scorer_are_model_configs_chosen_on_the_command_line() -> 
     sweep = compose_config(["+experiment=cyber_500k", "model=qwen_7b", "+model@generator=llama2_7b", "+model@scorer=mistral_7b"])
     assert (sweep.model.name, sweep.generation_model.name, sweep.scoring_model.name) == ("qwen_7b", "llama2_7b", "mistral_7b")
     assert sweep.name == "cyber_500k-qwen_7b"
+
+
+def test_self_instruct_settings_are_one_group_and_the_old_flat_names_say_where_they_went() -> None:
+    from unifit.config import check_overrides, from_container, to_container
+
+    cfg = compose_config(["+experiment=demo", "generate.self_instruct.target=9"])
+    assert (cfg.generate.self_instruct.enabled, cfg.generate.self_instruct.target, cfg.generate.self_instruct.max_rounds) == (True, 9, 3)
+    assert compose_config(["+experiment=smoke"]).generate.self_instruct.enabled is False
+    saved = to_container(cfg)  # a run's config.json from before the grouping
+    saved["generate"].pop("self_instruct")
+    for old, value, new in (("self_instruct_target", 6, "generate.self_instruct.target"),
+                            ("self_instruct", False, "generate.self_instruct.enabled")):
+        with pytest.raises(ConfigError, match=rf"`generate\.{old}` is now `{new.replace('.', '[.]')}`"):
+            from_container({**saved, "generate": {**saved["generate"], old: value}})
+    with pytest.raises(ConfigError, match=r"`generate\.self_instruct_max_rounds` is now `generate\.self_instruct\.max_rounds`"):
+        check_overrides(["+experiment=demo", "++generate.self_instruct_max_rounds=2"])
+    check_overrides(["generate.self_instruct.enabled=false", "generate.self_instruct.target=3"])  # the new names pass
+
+
+def test_generation_params_from_a_backend_take_its_sampling_and_the_overrides() -> None:
+    from unifit.config import BackendConfig
+    from unifit.llm.base import GenerationParams
+
+    backend = BackendConfig(max_new_tokens=77, temperature=0.4, top_p=0.9, repetition_penalty=1.3)
+    assert GenerationParams.from_backend(backend, 5) == GenerationParams(77, 0.4, 0.9, 1.3, 5, False)
+    assert GenerationParams.from_backend(backend, 5, max_new_tokens=12, temperature=0.0, top_p=1.0, json_mode=True) == \
+        GenerationParams(12, 0.0, 1.0, 1.3, 5, True)
+
+
+def test_training_batch_split_is_checked_before_a_run_that_trains() -> None:
+    from unifit.config import ClusterConfig, TrainConfig, accumulation_steps
+
+    assert accumulation_steps(TrainConfig(global_batch_size=16, micro_batch_size=2), 4) == 2
+    uneven = UnifitConfig(train=TrainConfig(global_batch_size=6, micro_batch_size=4), cluster=ClusterConfig(train_workers=1))
+    with pytest.raises(ConfigError, match="6 is not a multiple.*use e.g. train.global_batch_size=8"):
+        uneven.check_before_run()
+    UnifitConfig(train=uneven.train, cluster=uneven.cluster, stages=["generate", "sample"]).check_before_run()  # no training: fine

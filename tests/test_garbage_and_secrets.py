@@ -31,8 +31,8 @@ from conftest import client_of
 from garbage_server import (EMPTY, GARBAGE_KINDS, GOOD, OTHER_LANGUAGE, REPETITION, TRUNCATED, WRONG_FORMAT, GarbageServer, Record,
                             Script, ScriptedModel)
 
-from unifit.config import STAGES, EvaluateConfig, GenerateConfig
-from unifit.generation.parsing import foreign_script
+from unifit.config import STAGES, EvaluateConfig, GenerateConfig, SelfInstructConfig
+from unifit.text import foreign_script
 from unifit.llm.base import GenerationParams
 from unifit.llm.openai import EndpointError, OpenAIChatModel
 
@@ -75,8 +75,8 @@ def garbage_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GarbageRun
                    f"backend.url={server.url}", "backend.api_model=garbage-llm", f"backend.api_key_env={KEY_ENV}",
                    "backend.logprobs=false",  # the server emulates an API without logprobs: the judge's free-text path
                    "generate.n_subconcepts=3", "generate.questions_per_leaf=4", "generate.turns=2",
-                   "generate.self_instruct=true", "generate.self_instruct_target=2", "generate.self_instruct_max_rounds=2",
-                   "generate.self_instruct_prompts_per_round=1",
+                   "generate.self_instruct.enabled=true", "generate.self_instruct.target=2", "generate.self_instruct.max_rounds=2",
+                   "generate.self_instruct.prompts_per_round=1",
                    f"generate.max_retries={MAX_RETRIES}", f"evaluate.judge_max_retries={MAX_RETRIES}",
                    f"evaluate.num_test_questions={NUM_TEST_QUESTIONS}", f"evaluate.question_max_rounds={QUESTION_MAX_ROUNDS}",
                    "select.max_ifd=2",  # a random model's IFD is 1 ± 0.002: the paper's IFD < 1 cut could keep nothing
@@ -310,7 +310,7 @@ def test_endpoint_errors_and_logs_never_contain_the_key(monkeypatch: pytest.Monk
 
 def _generate_cfg(**overrides: Any) -> GenerateConfig:
     return GenerateConfig(**{"scopes": ["Email", "DNS"], "n_subconcepts": 2, "depth": 0, "questions_per_leaf": 2, "turns": 1,
-                             "max_retries": MAX_RETRIES, "self_instruct_target": 2, **overrides})
+                             "max_retries": MAX_RETRIES, "self_instruct": SelfInstructConfig(target=2), **overrides})
 
 
 def _leaves(gen: GenerateConfig):
@@ -339,7 +339,8 @@ TEST_QUESTION_COUNTER = {EMPTY: "unparseable", WRONG_FORMAT: "unparseable", TRUN
 def test_garbage_at_each_parsing_stage_is_retried_boundedly_then_counted(stage: str, garbage: str) -> None:
     from unifit.generation.instances import generate_leaf_instances
     from unifit.generation.self_instruct import STALL_ROUNDS, run_self_instruct
-    from unifit.generation.tree import FAILED, build_tree
+    from unifit.concept_tree import FAILED
+    from unifit.generation.tree import build_tree
 
     kind = stage.removesuffix("_json")
     script = Script(garbage={kind: garbage})

@@ -33,7 +33,7 @@ INSTANCES = 2000
 def launch(run_dir: Path, url: str, key: str, ray_tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, KEY_ENV: key, "RAY_TMPDIR": str(ray_tmp), "WANDB_MODE": "disabled", "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "unifit.launch", *overrides(INSTANCES, url, run_dir, train_steps=2, test_questions=8),
-               "generate.self_instruct=false", "variants=[{name: pithy, data: pithy, neftune: false}]", *extra]
+               "generate.self_instruct.enabled=false", "variants=[{name: pithy, data: pithy, neftune: false}]", *extra]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from unifit.selection.ifd import DEFAULT_TOKENS_PER_BATCH
+# IFD scoring's default forward size (tokens) on CPU: measured on SmolLM2-135M (2 cores), 2,048 tokens ran ~10 % faster
+# than 4,096 (bench/README.md); GPUs want far larger batches (conf/experiment/cyber_500k.yaml sets 32,768).
+DEFAULT_TOKENS_PER_BATCH = 2048
 
 
 class ConfigError(ValueError):
@@ -109,6 +111,31 @@ class ClusterConfig:
 
 
 @dataclass
+class SelfInstructConfig:
+    """The Self-Instruct baseline (Wang et al. 2023), built from the same generator and budget as the concept tree."""
+
+    enabled: bool = True  # also build the baseline
+    target: int = 0  # instances to build; 0 = as many as the concept tree produced
+    seeds: list[str] = field(default_factory=lambda: [  # seed tasks per scope ({scope}, {domain}); Wang et al. start from 175 human-written ones
+        "Explain what {scope} is and why it matters in {domain}.",
+        "What are the most common problems with {scope} in {domain}, and how are they solved?",
+        "Describe step by step how to set up {scope} correctly in {domain}.",
+    ])
+    prompt: str = "Here are some example tasks about {domain}:\n{examples}\nCome up with {n} new tasks about {domain} that are different from the examples. Reply with a numbered list, one task per line, nothing else."
+    examples: int = 8  # in-context tasks per prompt (Wang et al.: 6 seed + 2 machine-generated)
+    new_per_prompt: int = 4  # new instructions requested per prompt
+    prompts_per_round: int = 4  # at least this many prompts per bootstrap round, in one batched call (small models give ~1 novel task per prompt)
+    rouge: float = 0.7  # reject an instruction whose ROUGE-L F1 with any kept one exceeds this (Wang et al.: 0.7)
+    max_rounds: int = 50  # stop bootstrapping after this many rounds even below target (model out of ideas)
+
+    def __post_init__(self) -> None:
+        _check(self.prompts_per_round >= 1, "generate.self_instruct.prompts_per_round", "must be >= 1")
+        _check(self.examples >= 1 and self.new_per_prompt >= 1, "generate.self_instruct.examples",
+               "self_instruct.examples and self_instruct.new_per_prompt must be >= 1")
+        _check(0 < self.rouge <= 1, "generate.self_instruct.rouge", "must be in (0, 1]")
+
+
+@dataclass
 class GenerateConfig:
     """Concept-tree generation (the paper's stage 1) and the Self-Instruct baseline."""
 
@@ -122,8 +149,6 @@ class GenerateConfig:
     max_answer_chars: int = 4000
     dedup_threshold: float = 0.8  # MinHash LSH Jaccard threshold for near-duplicate questions
     shard_size: int = 16  # leaves per generation shard (the unit of resume); rows per shard for self-instruct/imported data
-    self_instruct: bool = True  # also build the Self-Instruct baseline with the same budget
-    self_instruct_target: int = 0  # 0 = as many instances as the concept tree produced
     subconcept_prompt: str = "Please generate {n} sub-concepts for {concept} in the domain of {domain}. Reply with a numbered list, one concept per line, nothing else."
     leaf_prompt: str = "Please generate {q} questions for {leaf} ({path}) and provide answers. Use the format:\nQuestion 1: ...\nAnswer 1: ...\nQuestion 2: ...\nAnswer 2: ..."
     leaf_mode: str = "joint"  # joint: the paper's Q&A-in-one-reply prompt | two_step: list questions, then ask each (for small generators)
@@ -134,17 +159,7 @@ class GenerateConfig:
     dedup_shingle_words: int = 2  # word n-gram size of the MinHash shingles used for question dedup
     json_mode: bool = True  # ask for JSON sub-concept lists where the backend supports structured output (openai, vllm); json_hint is then appended
     json_hint: str = " Reply with a JSON object of the form {\"concepts\": [\"...\", \"...\"]}."
-    self_instruct_seeds: list[str] = field(default_factory=lambda: [  # seed tasks per scope ({scope}, {domain}); Wang et al. start from 175 human-written ones
-        "Explain what {scope} is and why it matters in {domain}.",
-        "What are the most common problems with {scope} in {domain}, and how are they solved?",
-        "Describe step by step how to set up {scope} correctly in {domain}.",
-    ])
-    self_instruct_prompt: str = "Here are some example tasks about {domain}:\n{examples}\nCome up with {n} new tasks about {domain} that are different from the examples. Reply with a numbered list, one task per line, nothing else."
-    self_instruct_examples: int = 8  # in-context tasks per prompt (Wang et al.: 6 seed + 2 machine-generated)
-    self_instruct_new_per_prompt: int = 4  # new instructions requested per prompt
-    self_instruct_prompts_per_round: int = 4  # at least this many prompts per bootstrap round, in one batched call (small models give ~1 novel task per prompt)
-    self_instruct_rouge: float = 0.7  # reject an instruction whose ROUGE-L F1 with any kept one exceeds this (Wang et al.: 0.7)
-    self_instruct_max_rounds: int = 50  # stop bootstrapping after this many rounds even below target (model out of ideas)
+    self_instruct: SelfInstructConfig = field(default_factory=SelfInstructConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.scopes) >= 1, "generate.scopes", "give at least one scope, e.g. generate.scopes=[Email,DNS]")
@@ -158,10 +173,6 @@ class GenerateConfig:
         _check(self.shard_size >= 1, "generate.shard_size", "must be >= 1")
         _check(self.leaf_mode in ("joint", "two_step"), "generate.leaf_mode", f"got {self.leaf_mode!r}; use joint or two_step")
         _check(self.dedup_shingle_words >= 1, "generate.dedup_shingle_words", "must be >= 1")
-        _check(self.self_instruct_prompts_per_round >= 1, "generate.self_instruct_prompts_per_round", "must be >= 1")
-        _check(self.self_instruct_examples >= 1 and self.self_instruct_new_per_prompt >= 1, "generate.self_instruct_examples",
-               "self_instruct_examples and self_instruct_new_per_prompt must be >= 1")
-        _check(0 < self.self_instruct_rouge <= 1, "generate.self_instruct_rouge", "must be in (0, 1]")
 
 
 @dataclass
@@ -254,6 +265,17 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _check(self.neftune_alpha >= 0, "train.neftune_alpha", "must be >= 0 (0 = off)")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+def accumulation_steps(train: TrainConfig, workers: int) -> int:
+    """Micro-batches per optimizer step so that micro × workers × accumulation = global batch."""
+    per_step = train.micro_batch_size * workers
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"config field `train.global_batch_size`: {train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size × cluster.train_workers = {train.micro_batch_size} × {workers}; "
+            f"use e.g. train.global_batch_size={max(1, round(train.global_batch_size / per_step)) * per_step}")
+    return train.global_batch_size // per_step
 
 
 @dataclass
@@ -391,6 +413,16 @@ class UnifitConfig:
         _check(self.data.group_by is None or bool(self.data.path), "data.group_by",
                "groups the rows of an imported file; set data.path too (generated data are grouped by their concept tree)")
 
+    def check_before_run(self) -> None:
+        """Checks that tie sections together for the stages that will run (`launch` calls it before any stage).
+
+        Not in `__post_init__`: a config composed for one cluster is still built and inspected with another's
+        overrides; only running it must fail. Today: the training batch must split evenly over the train workers,
+        so an impossible split fails now, not after hours of generation.
+        """
+        if {"train_scorer", "finetune"} & set(self.stages):
+            accumulation_steps(self.train, self.cluster.train_workers)
+
     @property
     def generation_model(self) -> ModelConfig:
         """The model that writes the data: `generator`, else the base model."""
@@ -420,22 +452,54 @@ def register_configs() -> None:
     store.store(name="unifit_schema", node=UnifitConfig)
 
 
-def _build(cls: Any, data: Any) -> Any:
-    """Build `cls` from plain containers recursively, so every nested __post_init__ check runs."""
+# Fields that moved, old dotted name -> new one: a config (or a saved run's config.json) that still uses the old name
+# is told where the field went instead of only that it is unknown.
+MOVED_FIELDS: dict[str, str] = {
+    "generate.self_instruct": "generate.self_instruct.enabled",
+    **{f"generate.self_instruct_{name}": f"generate.self_instruct.{name}"
+       for name in ("target", "seeds", "prompt", "examples", "new_per_prompt", "prompts_per_round", "rouge", "max_rounds")},
+}
+
+
+def moved_field_error(key: str) -> Optional[ConfigError]:
+    """The error for a field given under its old name (`key` dotted, e.g. generate.self_instruct_target), else None."""
+    if key not in MOVED_FIELDS:
+        return None
+    return ConfigError(f"config field `{key}` is now `{MOVED_FIELDS[key]}`; rename it (e.g. "
+                       f"{MOVED_FIELDS[key]}=... on the command line, or nest it under its group in YAML)")
+
+
+def check_overrides(overrides: typing.Sequence[str]) -> None:
+    """Command-line overrides (`key=value`, `+key=value`, `~key`) that name a moved field fail with its new name."""
+    for override in overrides:
+        error = moved_field_error(override.split("=", 1)[0].lstrip("+~"))
+        if error is not None:
+            raise error
+
+
+def _build(cls: Any, data: Any, where: str = "") -> Any:
+    """Build `cls` from plain containers recursively, so every nested __post_init__ check runs (`where`: the dotted
+    name of `data`, for errors)."""
     origin = typing.get_origin(cls)
     if origin is typing.Union:  # Optional[X]
         inner = [a for a in typing.get_args(cls) if a is not type(None)]
-        return None if data is None else _build(inner[0], data)
+        return None if data is None else _build(inner[0], data, where)
     if origin is list and isinstance(data, list):
         (item_type,) = typing.get_args(cls)
-        return [_build(item_type, item) for item in data]
+        return [_build(item_type, item, where) for item in data]
+    if dataclasses.is_dataclass(cls) and not isinstance(data, (dict, cls)) and where in MOVED_FIELDS:
+        raise moved_field_error(where)  # type: ignore[misc]  # e.g. the old flag generate.self_instruct=true, now a group
     if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
         return data
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
+    for name in unknown:
+        error = moved_field_error(f"{where}.{name}".lstrip("."))
+        if error is not None:
+            raise error
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown} in {cls.__name__}; check spelling")
-    return cls(**{name: _build(hints[name], value) for name, value in data.items()})
+    return cls(**{name: _build(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()})
 
 
 def from_container(data: dict[str, Any]) -> UnifitConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unifit.atomic import atomic_path
+
 
 def pyplot() -> Any:
     """`matplotlib.pyplot` on the Agg backend (cluster nodes and CI have no display); imported on first use."""
@@ -20,9 +22,7 @@ def save_figure(fig: Any, path: Path | str) -> Path:
     """Write `fig` to a temp file, then rename it over `path`: a kill mid-write never leaves a half PNG that a rerun
     would trust. The figure is closed (long runs draw many)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)
-    tmp.replace(path)
     return path

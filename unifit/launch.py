@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from unifit.config import ConfigError, from_container, register_configs
+from unifit.config import ConfigError, check_overrides, from_container, register_configs
 
 register_configs()
 
@@ -19,12 +19,11 @@ register_configs()
 def main(raw: DictConfig) -> int:
     from unifit.pipeline import main_from_config
     from unifit.stage import UserError
-    from unifit.training.sft import TrainingFailed, accumulation_steps
+    from unifit.training.sft import TrainingFailed
 
     try:
         cfg = from_container(OmegaConf.to_container(raw, resolve=True))
-        if {"train_scorer", "finetune"} & set(cfg.stages):  # an impossible batch split fails now, not after hours of generation
-            accumulation_steps(cfg.train, cfg.cluster.train_workers)
+        cfg.check_before_run()
         code = main_from_config(cfg)
     except (ConfigError, UserError) as error:  # also those raised inside a stage (a model that cannot be loaded)
         print(f"unifit: error: {error}", file=sys.stderr)
@@ -38,4 +37,9 @@ def main(raw: DictConfig) -> int:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra composes: its own error for a moved field would not say where the field went
+        check_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"unifit: error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from unifit.config import ConfigError, ModelConfig, to_container
+from unifit.config import ConfigError, ModelConfig
 from unifit.fingerprint import fingerprint
 from unifit.stage import UserError
 
@@ -132,14 +131,20 @@ def _remote_code_hint(cfg: ModelConfig, model_dir: Path | str) -> Iterator[None]
                         "baichuan2_7b and qwen_7b only)") from None
 
 
-def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path | str:
-    """Directory (or hub id) that `from_pretrained` loads; converts/builds into the cache on first use."""
-    cache = Path(cache_dir)
+def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path | None) -> Path | str:
+    """Directory (or hub id) that `from_pretrained` loads; converts/builds into the cache on first use.
+
+    `cache_dir` is where embedded and random models are converted; a hub model (a local directory or a hub id,
+    such as a model this run trained) needs none.
+    """
     if cfg.source == "hub":
         path = Path(cfg.path).expanduser()
         if path.is_dir():
             _require_safetensors(path)
         return str(path) if path.exists() else cfg.path
+    if cache_dir is None:
+        raise ValueError(f"model {cfg.name!r} (source={cfg.source}) is converted into a cache directory; pass cache_dir")
+    cache = Path(cache_dir)
     key = fingerprint({"source": cfg.source, "gguf": cfg.gguf_file, "random_init": cfg.random_init})[:12]
     target = cache / "models" / f"{cfg.name}-{key}"
     if cfg.source == "embedded":
@@ -147,7 +152,7 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path | str:
     return _atomic_materialize(target, lambda out: _build_random(cfg, out, cache))
 
 
-def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path) -> Any:
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path | None) -> Any:
     """Tokenizer with the configured chat template and a pad token (left padding is set by generators)."""
     from transformers import AutoTokenizer
 
@@ -163,7 +168,7 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, cache_dir: str | Path, device: str | None = None) -> Any:
+def load_model(cfg: ModelConfig, cache_dir: str | Path | None, device: str | None = None) -> Any:
     """Causal LM from safetensors only (a local pickle-only model is refused before transformers sees it)."""
     from transformers import AutoModelForCausalLM
 
@@ -175,8 +180,3 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path, device: str | None = Non
     if device:
         model.to(device)
     return model
-
-
-def describe(cfg: ModelConfig) -> str:
-    """Stable identity of a model for caches and fingerprints."""
-    return json.dumps(to_container(cfg), sort_keys=True)

@@ -103,6 +103,19 @@ def _data_section(cfg: UnifitConfig) -> Any:
     return value
 
 
+def _generate_section(cfg: UnifitConfig) -> Any:
+    """`generate` with its `self_instruct` group spelled as the flat fields it replaced (`self_instruct` for `enabled`,
+    `self_instruct_<name>` for the others): runs from before the grouping keep their generate fingerprint."""
+    value = _section(cfg, "generate")
+    group = value.pop("self_instruct")
+    value["self_instruct"] = group.pop("enabled")
+    value.update({f"self_instruct_{name}": setting for name, setting in group.items()})
+    return value
+
+
+SECTION_VIEWS: dict[str, Callable[[UnifitConfig], Any]] = {"data": _data_section, "generate": _generate_section}
+
+
 def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
     """Fingerprint of every stage, in pipeline order (upstream fingerprints feed downstream ones)."""
     inputs = {"generate": {"data_file": _file_digest(cfg.data.path)}} if cfg.data.path else {}
@@ -111,7 +124,8 @@ def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
         sections, upstream = stage_spec(cfg, stage)
         prints[stage] = fingerprint({
             "stage": stage,
-            "config": {FINGERPRINT_KEY.get(s, s): _data_section(cfg) if s == "data" else _section(cfg, s) for s in sections},
+            "config": {FINGERPRINT_KEY.get(s, s): SECTION_VIEWS[s](cfg) if s in SECTION_VIEWS else _section(cfg, s)
+                       for s in sections},
             "upstream": {u: prints[u] for u in upstream}, "inputs": inputs.get(stage, {}),
         })
     return prints

@@ -6,14 +6,14 @@ An instance is one chat conversation with its place in the concept tree. Writes 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unifit.atomic import atomic_path
 from unifit.fingerprint import fingerprint
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -53,16 +53,14 @@ def instance_id(messages: list[dict[str, str]]) -> str:
 def write_parquet(rows: list[dict[str, Any]], path: str | Path, schema: pa.Schema | None = None) -> Path:
     """Write rows atomically; an empty list still writes a file with the schema (so loaders see 0 rows)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if rows:
         table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
     elif schema is not None:
         table = schema.empty_table()
     else:
         raise ValueError(f"{path}: cannot write an empty table without a schema")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -109,3 +107,25 @@ def stream_parquet(files: Iterable[str | Path], columns: list[str]) -> Any:
 def write_instances(instances: Iterable[Instance | dict[str, Any]], path: str | Path) -> Path:
     rows = [i.to_row() if isinstance(i, Instance) else i for i in instances]
     return write_parquet(rows, path, INSTANCE_SCHEMA)
+
+
+def shard_path(folder: str | Path, index: int) -> Path:
+    """The name of shard `index` in `folder` (shard-00000.parquet, ...): file order is shard order."""
+    return Path(folder) / f"shard-{index:05d}.parquet"
+
+
+def remove_stale_shards(folder: str | Path, keep: Collection[str] = (), pattern: str = "*.parquet") -> None:
+    """Delete the files matching `pattern` in `folder` whose names are not in `keep`: shards of an earlier, larger
+    run would otherwise be read as this run's."""
+    for stale in Path(folder).glob(pattern):
+        if stale.name not in keep:
+            stale.unlink()
+
+
+def write_instance_shards(instances: Sequence[Instance | dict[str, Any]], folder: str | Path, size: int) -> int:
+    """`instances` in shards of `size` rows, in order; no instance still writes one empty shard (readers see 0 rows).
+    Returns the number of shards."""
+    starts = range(0, max(len(instances), 1), size)
+    for shard, start in enumerate(starts):
+        write_instances(instances[start : start + size], shard_path(folder, shard))
+    return len(starts)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from unifit.atomic import write_text_atomic
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
 
 if TYPE_CHECKING:
@@ -65,12 +65,7 @@ class StageContext:
 
 def write_json(path: str | Path, payload: Any) -> Path:
     """Atomic JSON write (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: str | Path) -> Any:

@@ -13,7 +13,7 @@ from eval_scripted import picks_longest
 from unifit.config import EvaluateConfig, ModelConfig, UnifitConfig, VariantConfig
 from unifit.evaluation import stage as evaluation_stage
 from unifit.evaluation.questions import generate_test_questions, parse_question, training_index
-from unifit.generation.tree import Node, Tree, node_id
+from unifit.concept_tree import Node, Tree, node_id
 from unifit.llm.base import Completion, Conversation, GenerationParams
 from unifit.records import Instance, read_parquet, write_instances
 from unifit.stage import StageContext

@@ -86,6 +86,6 @@ class Scripted:
 
 def make_cfg(tmp_path, **generate) -> UnifitConfig:
     gen = {"scopes": ["Email", "DNS"], "n_subconcepts": 2, "depth": 1, "questions_per_leaf": 2, "turns": 1,
-           "shard_size": 2, "self_instruct": False, **generate}
+           "shard_size": 2, "self_instruct": {"enabled": False}, **generate}
     return from_container({"domain": "cybersecurity", "run_dir": str(tmp_path / "run"), "generate": gen,
                            "cache_dir": str(tmp_path / "cache")})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from unifit.generation.dedup import NearDuplicateIndex, dedup_texts, shingles
+from typing import Iterable
+
+from unifit.dedup import NearDuplicateIndex, shingles
 
 DISTINCT = [
     "What is DNS cache poisoning and how does an attacker exploit a resolver?",
@@ -17,6 +19,12 @@ PARAPHRASES = [
     "how do SPF, DKIM, and DMARC work together to stop email spoofing",
     "Why does BGP route hijacking affect traffic far beyond the victim's network?",
 ]
+
+
+def dedup_texts(items: Iterable[tuple[str, str]], threshold: float, shingle_size: int) -> list[str]:
+    """Keys of the (key, text) items kept, in order, the way the generate stage runs the index over its shards."""
+    index = NearDuplicateIndex(threshold, shingle_size)
+    return [key for key, text in items if index.add(key, text)]
 
 
 def test_shingles_are_word_ngrams() -> None:
@@ -35,10 +43,11 @@ def test_first_of_a_group_wins_and_result_is_deterministic() -> None:
     assert dedup_texts(items, 0.8, 2) == ["p0", "d1"] == dedup_texts(items, 0.8, 2)
 
 
-def test_exact_key_repeat_rejected_and_find_reports_the_match() -> None:
+def test_exact_key_repeat_rejected_and_candidates_name_the_match() -> None:
     index = NearDuplicateIndex(0.8, 2)
     assert index.add("a", DISTINCT[0]) and not index.add("a", "totally different words here now")
-    assert index.find(PARAPHRASES[0]) == "a" and index.find(DISTINCT[2]) is None and len(index) == 1
+    assert index.candidates(PARAPHRASES[0]) == ["a"] and index.candidates(DISTINCT[2]) == []
+    assert not index.add("b", PARAPHRASES[0]) and index.add("c", DISTINCT[2])
 
 
 def test_scales_linearly_on_many_distinct_items() -> None:

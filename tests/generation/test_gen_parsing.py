@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from conftest import client_of
 
-from unifit.generation.parsing import ask_parsed, clean_item, is_refusal, name_survives_cut, normalise_concept, parse_list, parse_qa
+from unifit.generation.parsing import clean_item, name_survives_cut, normalise_concept, parse_list, parse_qa
+from unifit.llm.asking import ask
 from unifit.llm.base import Completion, GenerationParams
+from unifit.text import is_refusal
 
 
 def test_numbered_list_with_preamble_markup_and_descriptions() -> None:
@@ -65,14 +67,15 @@ def test_refusals() -> None:
     assert not is_refusal("DNSSEC adds signatures to DNS records; resolvers verify them.")
 
 
-def test_ask_parsed_retries_only_failures_with_new_seeds() -> None:
+def test_ask_retries_only_failures_with_new_seeds() -> None:
     seen: list[tuple[str, int]] = []
 
     def generate(conversations, params):
         seen.extend((c[-1]["content"], params.seed) for c in conversations)
         return [Completion("1. ok" if c[-1]["content"] == "good" or params.seed >= 7 else "no list here", "stop") for c in conversations]
 
-    results = ask_parsed(client_of(generate), [[{"role": "user", "content": p}] for p in ("good", "bad")], GenerationParams(seed=5), parse_list, 3)
+    results = ask(client_of(generate), [[{"role": "user", "content": p}] for p in ("good", "bad")], GenerationParams(seed=5), parse_list,
+                  max_retries=3)
     assert [r.value for r in results] == [["ok"], ["ok"]]
     assert [r.attempts for r in results] == [1, 3]
     assert seen == [("good", 5), ("bad", 5), ("bad", 6), ("bad", 7)]

@@ -21,7 +21,7 @@ def test_two_actors_give_the_same_instances_as_one_and_load_once_each(tmp_path: 
             "backend": {"name": "hf", "batch_size": 2, "max_new_tokens": 12, "temperature": 0.9, "cache": False},
             "cluster": {"generation_actors": actors},
             "generate": {"scopes": ["Email", "DNS", "PKI", "CDN"], "n_subconcepts": 2, "depth": 1, "questions_per_leaf": 1,
-                         "max_retries": 0, "shard_size": 4, "self_instruct": False, "min_answer_chars": 1},
+                         "max_retries": 0, "shard_size": 4, "self_instruct": {"enabled": False}, "min_answer_chars": 1},
         })
         ctx = StageContext(cfg, Path(cfg.run_dir), "generate")
         generator = ctx.connect(cfg.generation_model, cfg.backend, "generate")  # the client the stage would connect itself

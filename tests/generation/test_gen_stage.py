@@ -78,9 +78,9 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path) -> None:
 
 
 def test_self_instruct_loop_produces_novel_instructions_at_target(tmp_path) -> None:
-    cfg = make_cfg(tmp_path, self_instruct=True, self_instruct_target=10, self_instruct_new_per_prompt=3)
+    cfg = make_cfg(tmp_path, self_instruct={"target": 10, "new_per_prompt": 3})
     gen = cfg.generate
-    seeds = seed_tasks(cfg.domain, gen.scopes, gen.self_instruct_seeds)
+    seeds = seed_tasks(cfg.domain, gen.scopes, gen.self_instruct.seeds)
     copies = itertools.count()
 
     def override(prompt: str, seed: int):
@@ -99,14 +99,14 @@ def test_self_instruct_loop_produces_novel_instructions_at_target(tmp_path) -> N
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     pairs = list(itertools.combinations(instructions, 2)) + list(itertools.product(seeds, instructions))
-    assert max(scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs) <= gen.self_instruct_rouge
+    assert max(scorer.score(a, b)["rougeL"].fmeasure for a, b in pairs) <= gen.self_instruct.rouge
     later_prompts = [p for p in model.calls if p.startswith("Here are some example tasks")][-1]
     assert any(instr in later_prompts for instr in instructions)  # bootstrapping: machine tasks become in-context examples
-    assert sum(seed in later_prompts for seed in seeds) == min(len(seeds), gen.self_instruct_examples - 2)
+    assert sum(seed in later_prompts for seed in seeds) == min(len(seeds), gen.self_instruct.examples - 2)
 
 
 def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
-    cfg = make_cfg(tmp_path, self_instruct=True)
+    cfg = make_cfg(tmp_path, self_instruct={"enabled": True})
     counts = run(context(cfg), Scripted())
     rows = read_parquet(context(cfg).out_dir / "self_instruct")
     assert counts["self_instruct_instances"] == counts["instances"] == len(rows) == 8
@@ -121,22 +121,22 @@ def test_instances_name_the_generator_not_the_base_model(tmp_path) -> None:
 
     from unifit.config import ModelConfig
 
-    cfg = dataclasses.replace(make_cfg(tmp_path, self_instruct=True), generator=ModelConfig(name="writer"))
+    cfg = dataclasses.replace(make_cfg(tmp_path, self_instruct={"enabled": True}), generator=ModelConfig(name="writer"))
     run(context(cfg), Scripted())
     out = context(cfg).out_dir
     assert {r["generator"] for r in read_parquet(out / "instances") + read_parquet(out / "self_instruct")} == {"writer"}
 
 
 def test_self_instruct_gives_up_when_model_stops_producing(tmp_path) -> None:
-    cfg = make_cfg(tmp_path, self_instruct_prompts_per_round=1)
+    cfg = make_cfg(tmp_path, self_instruct={"enabled": False, "prompts_per_round": 1})
     model = Scripted(override=lambda prompt, seed: Completion("I'm sorry, I cannot come up with more tasks.", "stop"))
     instances, counts = run_self_instruct(cfg.domain, cfg.generate, model, GenerationParams(), 5, "m")
     assert instances == [] and counts["stopped_below_target"] == 1 and counts["rounds"] == 3
     assert counts["unparsable_instruction_replies"] == 3 * 2  # 2 prompts per round (5 needed / 4 per prompt)
     assert model.batches[0] == 2
     batched = Scripted(override=model.override)
-    run_self_instruct(cfg.domain, make_cfg(tmp_path, self_instruct_prompts_per_round=6).generate, batched, GenerationParams(), 5, "m")
-    assert batched.batches[0] == 6  # a round asks at least self_instruct_prompts_per_round prompts in one batch
+    run_self_instruct(cfg.domain, make_cfg(tmp_path, self_instruct={"enabled": False, "prompts_per_round": 6}).generate, batched, GenerationParams(), 5, "m")
+    assert batched.batches[0] == 6  # a round asks at least self_instruct.prompts_per_round prompts in one batch
 
 
 def test_data_path_imports_user_data_instead_of_generating(tmp_path) -> None:
@@ -146,7 +146,7 @@ def test_data_path_imports_user_data_instead_of_generating(tmp_path) -> None:
     rows = [{"instruction": f"Explain topic {i} of routing security.", "input": "", "output": f"Topic {i} is about route filtering."}
             for i in range(5)]
     data.write_text("\n".join(json.dumps(r) for r in rows + rows[:1]) + "\n")
-    cfg = make_cfg(tmp_path, shard_size=2, self_instruct=True)
+    cfg = make_cfg(tmp_path, shard_size=2, self_instruct={"enabled": True})
     cfg.data.path = str(data)
     model = Scripted()
     counts = run(context(cfg), model)

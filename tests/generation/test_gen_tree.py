@@ -7,7 +7,8 @@ import re
 from conftest import client_of
 from gen_scripted import Scripted, make_cfg
 
-from unifit.generation.tree import ATOMIC, EXPANDED, FAILED, Tree, build_tree, draw_tree, node_id
+from unifit.concept_tree import ATOMIC, EXPANDED, FAILED, Tree, node_id
+from unifit.generation.tree import build_tree, draw_tree
 from unifit.llm.base import Completion, GenerationParams
 
 

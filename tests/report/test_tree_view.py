@@ -8,7 +8,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from unifit.generation.tree import Node, Tree
+from unifit.concept_tree import Node, Tree
 from unifit.records import write_parquet
 from unifit.report.report import build_report
 from unifit.report.tree_view import PNG_MAX_LEAVES, node_stats, tree_outline

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from unifit.config import EvaluateConfig
-from unifit.evaluation.asking import ask_with_retries
 from unifit.evaluation.judge import chooses_by_probability
+from unifit.llm.asking import ask, outcomes
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams
 
 DIMENSIONS: tuple[str, ...] = ("scope", "complexity", "practicality", "depth", "clarity", "correlation")
@@ -101,9 +101,8 @@ def diversity(judge: ChatClient | FreeTextModel, sources: Mapping[str, Sequence[
     else:
         method = "text"
         prompts = [prompt.format(n=n, domain=domain, instructions=text) for n, text in listed]
-        parsed, replies, retries = ask_with_retries(judge, prompts, lambda text, _i: parse_scores(text),
-                                                    [retry_prompt.format()] * len(prompts), params,
-                                                    max_retries=max_retries)
+        parsed, replies, retries = outcomes(ask(judge, [[{"role": "user", "content": p}] for p in prompts], params, parse_scores,
+                                                max_retries=max_retries, retry_prompt=retry_prompt.format()))
     result: dict[str, Any] = {"dimensions": list(DIMENSIONS), "draws": draws, "sample_size": sample_size,
                               "judge": getattr(judge, "name", type(judge).__name__), "retries": retries, "method": method, "sources": {}}
     for name, texts in sources.items():

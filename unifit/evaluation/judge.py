@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from unifit.config import EvaluateConfig
-from unifit.evaluation.asking import ask_with_retries
+from unifit.llm.asking import ask, outcomes
 from unifit.llm.base import ChatClient, Choice, Conversation, FreeTextModel, GenerationParams
 
 ORDERING_NAMES: tuple[str, ...] = ("forward", "reverse", "random")
@@ -220,9 +220,9 @@ def win_rates(questions: Sequence[str], answers: Mapping[str, Sequence[str]], ju
         replies = ["" if v is None else f"[[{v}]]" for v in verdicts]
     else:
         method = "text"
-        verdicts, replies, retries = ask_with_retries(
-            judge, prompts, lambda text, _i: parse_verdict(text, k), [retry_prompt.format(k=k)] * len(prompts), params,
-            max_retries=max_retries)
+        verdicts, replies, retries = outcomes(ask(judge, [[{"role": "user", "content": p}] for p in prompts], params,
+                                                  lambda text: parse_verdict(text, k), max_retries=max_retries,
+                                                  retry_prompt=retry_prompt.format(k=k)))
     votes: list[list[Optional[str]]] = []
     for q in range(len(questions)):
         row = verdicts[n_orders * q:n_orders * q + n_orders]

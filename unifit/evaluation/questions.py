@@ -18,9 +18,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from unifit.fingerprint import fingerprint
-from unifit.generation.dedup import NearDuplicateIndex
-from unifit.generation.parsing import foreign_script
-from unifit.generation.tree import Node
+from unifit.dedup import NearDuplicateIndex
+from unifit.text import foreign_script
+from unifit.concept_tree import Node
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 
 QUESTION_SCHEMA = pa.schema([

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from unifit.concept_tree import Node, Tree
 from unifit.config import BackendConfig, ModelConfig, UnifitConfig
 from unifit.evaluation import ifeval
 from unifit.evaluation.answers import answer_params, collect_answers, compared_models
@@ -20,12 +21,11 @@ from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
 from unifit.evaluation.test_sets import load_test_set
-from unifit.generation.dedup import first_question
-from unifit.generation.tree import Node, Tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.llm.client import served_name
 from unifit.records import read_parquet, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
+from unifit.text import first_question
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def _test_questions(ctx: StageContext, judge: ChatClient, instances: list[dict[s
     texts = [m["content"] for row in instances for m in row["messages"] if m["role"] == "user"]
     index = training_index(texts, cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
     _, backend, _ = judge_setup(cfg)
-    params = GenerationParams(max_new_tokens=cfg.evaluate.question_max_new_tokens, temperature=backend.temperature, top_p=backend.top_p,
-                              repetition_penalty=backend.repetition_penalty, seed=cfg.seed)
+    params = GenerationParams.from_backend(backend, cfg.seed, max_new_tokens=cfg.evaluate.question_max_new_tokens)
     rows, counts = generate_test_questions(
         judge, load_leaves(ctx, instances), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
         prompt=cfg.evaluate.question_prompt, params=params, seed=cfg.seed, max_rounds=cfg.evaluate.question_max_rounds)
@@ -100,8 +99,8 @@ def _judge(cfg: UnifitConfig, path: Path, questions: list[dict[str, Any]], answe
         judged = {"skipped": f"only {list(answers)} could be compared (missing fine-tuned models: {missing}); win rates need two"}
     else:
         _, judge_backend, _ = judge_setup(cfg)
-        params = GenerationParams(max_new_tokens=cfg.evaluate.judge_max_new_tokens, temperature=0.0,
-                                  repetition_penalty=judge_backend.repetition_penalty, seed=cfg.seed)
+        params = GenerationParams.from_backend(judge_backend, cfg.seed, max_new_tokens=cfg.evaluate.judge_max_new_tokens,
+                                               temperature=0.0, top_p=1.0)
         result = win_rates([q["question"] for q in questions], answers, judge, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, bootstrap_samples=cfg.evaluate.bootstrap_samples,
                            params=params, prompt=cfg.evaluate.judge_prompt, retry_prompt=cfg.evaluate.judge_retry_prompt,
@@ -182,8 +181,8 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
         self_instruct = ctx.stage_dir("generate") / "self_instruct"
         if self_instruct.exists():
             sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
-        params = GenerationParams(max_new_tokens=cfg.evaluate.diversity_max_new_tokens, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
-                                  seed=cfg.seed, json_mode=judge_backend.name != "hf")
+        params = GenerationParams.from_backend(judge_backend, cfg.seed, max_new_tokens=cfg.evaluate.diversity_max_new_tokens,
+                                               temperature=0.0, top_p=1.0, json_mode=judge_backend.name != "hf")
         scored = diversity(judge_client, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
                            sample_size=cfg.evaluate.diversity_sample_size, seed=cfg.seed,
                            max_retries=cfg.evaluate.judge_max_retries, params=params, prompt=cfg.evaluate.diversity_prompt,

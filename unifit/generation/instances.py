@@ -12,13 +12,26 @@ import re
 from collections import Counter
 from typing import Callable, Optional, Sequence, TypeVar
 
+from unifit.concept_tree import Node
 from unifit.config import GenerateConfig
-from unifit.generation.parsing import ask_parsed, clean_item, drop_last, foreign_script, is_refusal, parse_list, parse_qa
-from unifit.generation.tree import Node
+from unifit.generation.parsing import clean_item, drop_last, parse_list, parse_qa
+from unifit.llm.asking import ask
 from unifit.llm.base import ChatClient, Conversation, GenerationParams
 from unifit.records import Instance
+from unifit.text import foreign_script, is_refusal
 
 T = TypeVar("T")
+
+# Counter names that the stage reports as headline metrics: shared as constants, so a misspelt name fails at import
+# instead of silently reporting 0.
+EMPTY, REFUSAL, WRONG_LANGUAGE, TOO_SHORT, TOO_LONG = "empty", "refusal", "wrong_language", "too_short", "too_long"
+UNPARSABLE_LEAF_REPLIES = "unparsable_leaf_replies"
+TRUNCATED = "truncated"
+FOLLOWUP = "followup_"  # prefix of the follow-up turns' counters
+FOLLOWUP_UNPARSABLE = FOLLOWUP + "unparsable"
+FOLLOWUP_TRUNCATED = FOLLOWUP + TRUNCATED
+HEADLINE_COUNTS = (UNPARSABLE_LEAF_REPLIES, TRUNCATED, REFUSAL, WRONG_LANGUAGE, TOO_SHORT, TOO_LONG, EMPTY,
+                   FOLLOWUP_UNPARSABLE, FOLLOWUP_TRUNCATED)
 
 
 def leaf_conversation(gen: GenerateConfig, leaf: Node) -> Conversation:
@@ -33,15 +46,15 @@ def followup_conversation(gen: GenerateConfig, question: str) -> Conversation:
 def reject_reason(question: str, answer: str, gen: GenerateConfig) -> Optional[str]:
     """Why a question/answer pair is unusable (a report key), or None if it is kept."""
     if not question.strip() or not answer.strip():
-        return "empty"
+        return EMPTY
     if is_refusal(answer) or is_refusal(question):
-        return "refusal"
+        return REFUSAL
     if foreign_script(answer, question):
-        return "wrong_language"
+        return WRONG_LANGUAGE
     if len(answer.strip()) < gen.min_answer_chars:
-        return "too_short"
+        return TOO_SHORT
     if len(answer.strip()) > gen.max_answer_chars:
-        return "too_long"
+        return TOO_LONG
     return None
 
 
@@ -69,7 +82,7 @@ def _answer(conversations: list[Conversation], gen: GenerateConfig, model: ChatC
     answers: list[Optional[str]] = []
     for completion in completions:
         if completion.finish_reason == "length":
-            counts[f"{prefix}truncated"] += 1
+            counts[prefix + TRUNCATED] += 1
             answers.append(None)
         else:
             answers.append(completion.text.strip())
@@ -80,13 +93,13 @@ def _leaf_items(leaves: Sequence[Node], prompts: list[Conversation], parse: Call
                 gen: GenerateConfig, model: ChatClient, params: GenerationParams, counts: Counter[str],
                 truncated_key: str) -> list[tuple[Node, T]]:
     """One reply per leaf, parsed into items; a cut-off reply loses its last item (where the cut happened), at most q kept."""
-    asked = ask_parsed(model, prompts, params, parse, gen.max_retries, cut=drop_last)
+    asked = ask(model, prompts, params, parse, max_retries=gen.max_retries, cut=drop_last, reject_foreign_script=True)
     counts["leaf_calls"] += sum(a.attempts for a in asked)
     counts["leaf_retries"] += sum(a.attempts - 1 for a in asked)
     kept: list[tuple[Node, T]] = []
     for leaf, result in zip(leaves, asked):
         if result.value is None:
-            counts["unparsable_leaf_replies"] += 1
+            counts[UNPARSABLE_LEAF_REPLIES] += 1
             continue
         items = list(result.value)  # without the item the cut fell in
         if result.completion.finish_reason == "length":
@@ -102,7 +115,7 @@ def _joint_pairs(leaves: Sequence[Node], gen: GenerateConfig, model: ChatClient,
                  counts: Counter[str]) -> list[tuple[Node, str, str]]:
     """The paper's prompt: q questions with answers in one reply per leaf."""
     prompts = [leaf_conversation(gen, leaf) for leaf in leaves]
-    items = _leaf_items(leaves, prompts, parse_qa, gen, model, params, counts, "truncated")
+    items = _leaf_items(leaves, prompts, parse_qa, gen, model, params, counts, TRUNCATED)
     return [(leaf, question, answer) for leaf, (question, answer) in items]
 
 
@@ -127,16 +140,16 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
         last_questions = [conversations[i][1][-2]["content"] for i in active]
         if gen.leaf_mode == "two_step":
             prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
-            asked = ask_parsed(model, prompts, params, parse_question, gen.max_retries)
+            asked = ask(model, prompts, params, parse_question, max_retries=gen.max_retries, reject_foreign_script=True)
         else:
-            asked = ask_parsed(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa, gen.max_retries,
-                               cut=drop_last)
+            asked = ask(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa,
+                        max_retries=gen.max_retries, cut=drop_last, reject_foreign_script=True)
         counts["followup_calls"] += sum(a.attempts for a in asked)
         counts["followup_retries"] += sum(a.attempts - 1 for a in asked)
         candidates: list[tuple[int, str, Optional[str]]] = []
         for index, result in zip(active, asked):
             if result.value is None:
-                counts["followup_unparsable"] += 1
+                counts[FOLLOWUP_UNPARSABLE] += 1
             elif gen.leaf_mode == "two_step":
                 candidates.append((index, result.value, None))
             else:
@@ -144,13 +157,13 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
                 candidates.append((index, question, answer))
         if gen.leaf_mode == "two_step":  # answer each follow-up with the whole conversation so far as context
             contexts = [conversations[i][1] + [{"role": "user", "content": q}] for i, q, _ in candidates]
-            answers = _answer(contexts, gen, model, params, counts, "followup_")
+            answers = _answer(contexts, gen, model, params, counts, FOLLOWUP)
             candidates = [(i, q, a) for (i, q, _), a in zip(candidates, answers) if a is not None]
         still: list[int] = []
         for index, question, answer in candidates:
             reason = reject_reason(question, answer or "", gen)
             if reason:
-                counts[f"followup_{reason}"] += 1
+                counts[FOLLOWUP + reason] += 1
                 continue
             conversations[index][1].extend([{"role": "user", "content": question}, {"role": "assistant", "content": answer or ""}])
             counts["followups_kept"] += 1

@@ -1,20 +1,16 @@
-"""Turn free-form model replies into concept lists and question/answer pairs, and re-ask when they don't parse.
+"""Turn free-form model replies into concept lists and question/answer pairs.
 
 Small models answer the same request as a numbered list, a bullet list, a JSON array, a JSON object or
 "Q:/A:" blocks, often with Markdown and a chatty preamble; every format is accepted so that a format
-slip costs nothing, and a reply that matches none returns None (the caller re-asks, then counts it).
+slip costs nothing, and a reply that matches none returns None (the caller re-asks with `unifit.llm.asking.ask`, then counts it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import unicodedata
-from collections import Counter
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
-from unifit.llm.base import ChatClient, Completion, Conversation, GenerationParams
 
 T = TypeVar("T")
 
@@ -27,10 +23,6 @@ _LABEL = re.compile(r"^(?:sub-?concepts?|concepts?|topics?|tasks?|instructions?)
 _QA_MARKER = re.compile(
     r"^[ \t>*_#-]*(?:\d{1,3}[.)]\s*)?[*_]*\s*(question|answer|q|a)\s*\d{0,3}\s*[*_]*\s*:\s*[*_]*[ \t]*",
     re.IGNORECASE | re.MULTILINE,
-)
-REFUSAL_PATTERNS = (
-    "i'm sorry", "i am sorry", "as an ai", "as a language model", "i cannot", "i can't", "i can not",
-    "i'm unable to", "i am unable to", "i won't be able", "i do not have the ability", "i'm not able to",
 )
 
 
@@ -193,31 +185,6 @@ def _clean_block(text: str) -> str:
     return text.strip()
 
 
-def is_refusal(text: str) -> bool:
-    """True when a reply opens with a refusal or disclaimer ("I'm sorry", "As an AI", "I cannot", ...)."""
-    opening = text.strip().casefold().replace("’", "'")[:200]
-    return any(pattern in opening for pattern in REFUSAL_PATTERNS)
-
-
-def _script(char: str) -> str:
-    """The writing system of a letter, from its Unicode name: LATIN, CYRILLIC, CJK, ARABIC, HANGUL, ..."""
-    return unicodedata.name(char, "?").split(" ")[0]
-
-
-def foreign_script(text: str, reference: str) -> bool:
-    """True when most letters of `text` are in a writing system that `reference` (the prompt) does not use at all.
-
-    Catches a reply in another language than the prompt's (Chinese or Russian for an English prompt)
-    without a language model; another language in the same script (German for English) is not caught.
-    The first 2,000 characters decide, so a long answer costs no more than a short one.
-    """
-    scripts = Counter(_script(c) for c in text[:2000] if c.isalpha())
-    if not scripts:
-        return False
-    dominant, count = scripts.most_common(1)[0]
-    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in reference)
-
-
 def drop_last(items: list[T], text: str) -> list[T]:
     """What survives a reply cut off by the token limit: every item but the last, where the cut fell."""
     return items[:-1]
@@ -226,60 +193,3 @@ def drop_last(items: list[T], text: str) -> list[T]:
 def drop_cut_name(items: list[T], text: str) -> list[T]:
     """What survives a cut-off concept list: the last name too when the cut fell in its description."""
     return items if name_survives_cut(text) else items[:-1]
-
-
-@dataclasses.dataclass
-class Asked:
-    """Outcome of one request after retries: the parsed value (None = failed), the last completion, items lost to a cut."""
-
-    value: Any
-    completion: Completion
-    attempts: int
-    cut_items: int = 0
-
-
-def _parse_reply(completion: Completion, conversation: Conversation, parse: Callable[[str], Optional[Any]],
-                 cut: Optional[Callable[[Any, str], Any]]) -> tuple[Any, int]:
-    """The parsed value (None = unusable) and how many items the cut took."""
-    if foreign_script(completion.text, " ".join(m["content"] for m in conversation)):
-        return None, 0
-    value = parse(completion.text)
-    if value is None or cut is None or completion.finish_reason != "length":
-        return value, 0
-    kept = cut(value, completion.text)
-    return (kept or None), len(value) - len(kept)
-
-
-def ask_parsed(
-    model: ChatClient,
-    conversations: Sequence[Conversation],
-    params: GenerationParams,
-    parse: Callable[[str], Optional[T]],
-    max_retries: int,
-    cut: Optional[Callable[[T, str], T]] = None,
-) -> list[Asked]:
-    """Ask every conversation in one batched call; re-ask only the unusable replies, at most `max_retries` times.
-
-    Unusable: `parse` returns None, or the reply is in another writing system than the prompt, or (with
-    `cut`, for list-valued parses) it was cut off by the token limit and `cut(items, text)` leaves nothing
-    whole, so a reply truncated inside its first item is re-asked rather than read as an empty list.
-    Each retry uses a different seed: with a completion cache, re-asking with the same seed would
-    return the same bad reply. The seed offset is the attempt number, so a rerun hits the cache.
-    """
-    results: list[Optional[Asked]] = [None] * len(conversations)
-    pending = list(range(len(conversations)))
-    for attempt in range(max_retries + 1):
-        if not pending:
-            break
-        attempt_params = dataclasses.replace(params, seed=params.seed + attempt)
-        completions = model.complete([list(conversations[i]) for i in pending], attempt_params)
-        if len(completions) != len(pending):
-            raise RuntimeError(f"{model.name} returned {len(completions)} completions for {len(pending)} conversations")
-        still: list[int] = []
-        for index, completion in zip(pending, completions):
-            value, cut_items = _parse_reply(completion, conversations[index], parse, cut)
-            results[index] = Asked(value, completion, attempt + 1, cut_items)
-            if value is None:
-                still.append(index)
-        pending = still
-    return [r for r in results if r is not None]

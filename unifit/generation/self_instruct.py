@@ -18,10 +18,11 @@ from collections import Counter
 from typing import Optional
 
 from unifit.config import GenerateConfig
-from unifit.generation.dedup import NearDuplicateIndex
+from unifit.dedup import NearDuplicateIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
-from unifit.generation.parsing import ask_parsed, clean_item, drop_last, parse_list
-from unifit.generation.tree import node_id
+from unifit.generation.parsing import clean_item, drop_last, parse_list
+from unifit.concept_tree import node_id
+from unifit.llm.asking import ask
 from unifit.llm.base import ChatClient, GenerationParams
 from unifit.records import Instance
 
@@ -88,7 +89,7 @@ class NoveltyFilter:
 
 def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[str, str]]:
     listed = "\n".join(f"{i}. {task}" for i, task in enumerate(examples, 1))
-    return [{"role": "user", "content": gen.self_instruct_prompt.format(domain=domain, examples=listed, n=gen.self_instruct_new_per_prompt)}]
+    return [{"role": "user", "content": gen.self_instruct.prompt.format(domain=domain, examples=listed, n=gen.self_instruct.new_per_prompt)}]
 
 
 def run_self_instruct(
@@ -96,8 +97,8 @@ def run_self_instruct(
 ) -> tuple[list[Instance], Counter[str]]:
     """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones)."""
     rng = random.Random(seed)
-    seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct_seeds))
-    novelty = NoveltyFilter(gen.self_instruct_rouge)
+    seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct.seeds))
+    novelty = NoveltyFilter(gen.self_instruct.rouge)
     for task in seeds:
         novelty.remember(task)
     machine: list[str] = []
@@ -105,7 +106,7 @@ def run_self_instruct(
     instances: list[Instance] = []
     counts: Counter[str] = Counter(seed_tasks=len(seeds))
     stalled = 0
-    for round_index in range(gen.self_instruct_max_rounds):
+    for round_index in range(gen.self_instruct.max_rounds):
         needed = target - len(instances)
         if needed <= 0 or stalled >= STALL_ROUNDS:
             break
@@ -143,14 +144,15 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
                       rng: random.Random, model: ChatClient, params: GenerationParams, wanted: int,
                       counts: Counter[str]) -> list[str]:
     """One round of instruction bootstrapping: enough prompts for `wanted` new tasks, filtered and novel."""
-    n_prompts = max(gen.self_instruct_prompts_per_round, math.ceil(wanted / gen.self_instruct_new_per_prompt))
+    n_prompts = max(gen.self_instruct.prompts_per_round, math.ceil(wanted / gen.self_instruct.new_per_prompt))
     prompts = []
     for _ in range(n_prompts):
         n_machine = min(2, len(machine))
-        examples = rng.sample(seeds, min(len(seeds), gen.self_instruct_examples - n_machine)) + rng.sample(machine, n_machine)
+        examples = rng.sample(seeds, min(len(seeds), gen.self_instruct.examples - n_machine)) + rng.sample(machine, n_machine)
         rng.shuffle(examples)
         prompts.append(_prompt(gen, domain, examples))
-    asked = ask_parsed(model, prompts, params, lambda text: parse_list(text, clean_item), gen.max_retries, cut=drop_last)
+    asked = ask(model, prompts, params, lambda text: parse_list(text, clean_item), max_retries=gen.max_retries, cut=drop_last,
+                reject_foreign_script=True)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
     new: list[str] = []
     for result in asked:

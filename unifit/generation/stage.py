@@ -18,23 +18,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from unifit.concept_tree import Tree
 from unifit.config import UnifitConfig
-from unifit.generation.dedup import NearDuplicateIndex, first_question
-from unifit.generation.instances import generate_leaf_instances
+from unifit.dedup import NearDuplicateIndex
+from unifit.generation.instances import HEADLINE_COUNTS, generate_leaf_instances
 from unifit.generation.self_instruct import run_self_instruct
-from unifit.generation.tree import Tree, build_tree, draw_tree
+from unifit.generation.tree import build_tree, draw_tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
-from unifit.records import read_parquet, write_instances
+from unifit.records import read_parquet, remove_stale_shards, shard_path, write_instance_shards, write_instances
 from unifit.stage import StageContext, read_json, write_json
+from unifit.text import first_question
 
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT_BACKENDS = ("openai", "vllm")
-
-
-def generation_params(cfg: UnifitConfig) -> GenerationParams:
-    return GenerationParams(max_new_tokens=cfg.backend.max_new_tokens, temperature=cfg.backend.temperature, top_p=cfg.backend.top_p,
-                            repetition_penalty=cfg.backend.repetition_penalty, seed=cfg.seed)
+SHARDS_GENERATED, SHARDS_RESUMED = "shards_generated", "shards_resumed"
+KEPT, NEAR_DUPLICATES = "kept", "near_duplicates"  # the dedup pass's counts
 
 
 def load_or_build_tree(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams) -> Tree:
@@ -59,17 +58,18 @@ def generate_raw_shards(cfg: UnifitConfig, out_dir: Path, tree: Tree, generator:
     counts: Counter[str] = Counter()
     shards: list[Path] = []
     for index, chunk in enumerate(tqdm(chunks, desc="leaf shards", unit="shard")):
-        shard, meta = raw / f"shard-{index:05d}.parquet", raw / f"shard-{index:05d}.json"
+        shard = shard_path(raw, index)
+        meta = shard.with_suffix(".json")
         leaf_ids = [leaf.id for leaf in chunk]
         if shard.exists() and meta.exists() and read_json(meta)["leaf_ids"] == leaf_ids:
             counts.update(read_json(meta)["counts"])
-            counts["shards_resumed"] += 1
+            counts[SHARDS_RESUMED] += 1
         else:
             instances, chunk_counts = generate_leaf_instances(chunk, cfg.generate, generator, params, cfg.generation_model.name)
             write_json(meta, {"leaf_ids": leaf_ids, "counts": dict(chunk_counts)})  # before the parquet that marks the shard done
             write_instances(instances, shard)
             counts.update(chunk_counts)
-            counts["shards_generated"] += 1
+            counts[SHARDS_GENERATED] += 1
         shards.append(shard)
     return shards, counts
 
@@ -80,32 +80,26 @@ def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counte
 
     index = NearDuplicateIndex(cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
     out.mkdir(parents=True, exist_ok=True)
-    expected = {shard.name for shard in raw_shards}
-    for stale in out.glob("*.parquet"):
-        if stale.name not in expected:
-            stale.unlink()
+    remove_stale_shards(out, keep={shard.name for shard in raw_shards})
     counts: Counter[str] = Counter()
     for shard in tqdm(raw_shards, desc="dedup", unit="shard"):
         rows = read_parquet(shard)
         kept = [row for row in rows if index.add(row["id"], first_question(row["messages"]))]
-        counts["near_duplicates"] += len(rows) - len(kept)
-        counts["kept"] += len(kept)
+        counts[NEAR_DUPLICATES] += len(rows) - len(kept)
+        counts[KEPT] += len(kept)
         write_instances(kept, out / shard.name)
     return counts
 
 
 def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generator: ChatClient, params: GenerationParams, tree_count: int) -> dict[str, Any]:
-    target = cfg.generate.self_instruct_target or tree_count
+    target = cfg.generate.self_instruct.target or tree_count
     folder = out_dir / "self_instruct"
     marker = folder / "report.json"
     if marker.exists() and read_json(marker).get("target") == target:
         return read_json(marker)
-    for stale in folder.glob("*.parquet"):
-        stale.unlink()
+    remove_stale_shards(folder)
     instances, counts = run_self_instruct(cfg.domain, cfg.generate, generator, params, target, cfg.generation_model.name, cfg.seed)
-    size = cfg.generate.shard_size
-    for shard, start in enumerate(range(0, max(len(instances), 1), size)):
-        write_instances(instances[start : start + size], folder / f"shard-{shard:05d}.parquet")
+    write_instance_shards(instances, folder, cfg.generate.shard_size)
     report = {"target": target, **counts}
     write_json(marker, report)
     return report
@@ -118,11 +112,8 @@ def import_data(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     instances, report = import_instances(cfg.data.path, cfg.data.format, cfg.data.lenient, cfg.data.group_by)
     out = ctx.out_dir / "instances"
-    for stale in out.glob("*.parquet"):
-        stale.unlink()
-    size = cfg.generate.shard_size
-    for shard, start in enumerate(range(0, max(len(instances), 1), size)):
-        write_instances(instances[start : start + size], out / f"shard-{shard:05d}.parquet")
+    remove_stale_shards(out)
+    write_instance_shards(instances, out, cfg.generate.shard_size)
     write_json(ctx.out_dir / "report.json", {"source": "import", "path": str(cfg.data.path), "instances": len(instances), "import": report})
     return {"instances": len(instances), "import_rows": report["rows"], "import_duplicates": report["duplicates"],
             "import_skipped": sum(report["skipped"].values())}
@@ -138,7 +129,7 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
     if cfg.data.path:
         return import_data(ctx)
     generator = as_client(generator) if generator is not None else ctx.connect(cfg.generation_model, cfg.backend, "generate")
-    params = generation_params(cfg)
+    params = GenerationParams.from_backend(cfg.backend, cfg.seed)
     out_dir = ctx.out_dir
 
     tree = load_or_build_tree(cfg, out_dir, generator, params)
@@ -151,23 +142,22 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
         "leaf_counts_per_scope": tree.leaf_counts_per_scope(),
         "leaf_generation": dict(sorted(leaf_counts.items())),
         "dedup": dict(dedup_counts),
-        "instances": dedup_counts["kept"],
+        "instances": dedup_counts[KEPT],
     }
-    if cfg.generate.self_instruct:
-        report["self_instruct"] = build_self_instruct(cfg, out_dir, generator, params, dedup_counts["kept"])
+    if cfg.generate.self_instruct.enabled:
+        report["self_instruct"] = build_self_instruct(cfg, out_dir, generator, params, dedup_counts[KEPT])
     write_json(out_dir / "report.json", report)
-    log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts["kept"], tree.counts["leaves"],
-             dedup_counts["near_duplicates"])
+    log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts[KEPT], tree.counts["leaves"],
+             dedup_counts[NEAR_DUPLICATES])
     result: dict[str, Any] = {
-        "instances": dedup_counts["kept"],
+        "instances": dedup_counts[KEPT],
         "leaves": tree.counts["leaves"],
         "nodes": tree.counts["nodes"],
-        "near_duplicates": dedup_counts["near_duplicates"],
+        NEAR_DUPLICATES: dedup_counts[NEAR_DUPLICATES],
         "expansion_failed": tree.counts["expansion_failed"],
     }
-    for key in ("unparsable_leaf_replies", "truncated", "refusal", "wrong_language", "too_short", "too_long", "empty",
-                "followup_unparsable", "followup_truncated", "shards_generated", "shards_resumed"):
+    for key in (*HEADLINE_COUNTS, SHARDS_GENERATED, SHARDS_RESUMED):
         result[key] = leaf_counts.get(key, 0)
-    if cfg.generate.self_instruct:
+    if cfg.generate.self_instruct.enabled:
         result["self_instruct_instances"] = report["self_instruct"]["instances"]
     return result

@@ -1,8 +1,7 @@
-"""The concept tree: root = domain, level 2 = the user's scopes, deeper levels asked of the model.
+"""Building the concept tree: root = domain, level 2 = the user's scopes, deeper levels asked of the model.
 
 Expansion runs level by level so that each level is one batched generation call (spread over the Ray
-actor pool). Node ids hash the concept path, so they are stable across reruns and unique per branch.
-A node becomes a leaf when it reaches the configured depth, when its expansion still does not parse
+actor pool). A node becomes a leaf when it reaches the configured depth, when its expansion still does not parse
 after the bounded retries (counted as failed), or when the model offers no new sub-concept (atomic).
 """
 
@@ -10,79 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
 
+from unifit.concept_tree import ATOMIC, EXPANDED, FAILED, LEAF, Node, Tree
 from unifit.config import GenerateConfig
 from unifit.figures import pyplot, save_figure
-from unifit.fingerprint import fingerprint
-from unifit.generation.parsing import ask_parsed, concept_key, drop_cut_name, parse_list
+from unifit.generation.parsing import concept_key, drop_cut_name, parse_list
+from unifit.llm.asking import ask
 from unifit.llm.base import ChatClient, GenerationParams
 
 log = logging.getLogger(__name__)
-
-EXPANDED, LEAF, ATOMIC, FAILED = "expanded", "leaf", "atomic", "failed"
-
-
-def node_id(path: list[str]) -> str:
-    return fingerprint(path)[:16]
-
-
-@dataclass
-class Node:
-    concept: str
-    path: list[str]  # [domain, scope, ..., concept]
-    parent: Optional[str]
-    children: list[str] = field(default_factory=list)
-    status: str = LEAF  # expanded | leaf (depth reached) | atomic (no new sub-concepts) | failed (unparsable)
-
-    @property
-    def id(self) -> str:
-        return node_id(self.path)
-
-    @property
-    def depth(self) -> int:
-        return len(self.path) - 1
-
-
-@dataclass
-class Tree:
-    domain: str
-    nodes: dict[str, Node]  # insertion order = breadth-first generation order
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def root(self) -> Node:
-        return self.nodes[node_id([self.domain])]
-
-    def walk(self, start: Optional[Node] = None) -> Iterator[Node]:
-        """Depth-first, children in generation order: the stable order leaves are processed and sharded in."""
-        stack = [start or self.root]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(self.nodes[c] for c in reversed(node.children))
-
-    def leaves(self, start: Optional[Node] = None) -> list[Node]:
-        return [n for n in self.walk(start) if not n.children and n.depth >= 1]
-
-    def leaf_counts_per_scope(self) -> dict[str, int]:
-        return {self.nodes[s].concept: len(self.leaves(self.nodes[s])) for s in self.root.children}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "domain": self.domain,
-            "root": self.root.id,
-            "counts": self.counts,
-            "leaf_counts_per_scope": self.leaf_counts_per_scope(),
-            "nodes": {nid: {"id": nid, **dataclasses.asdict(n)} for nid, n in self.nodes.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Tree":
-        nodes = {nid: Node(n["concept"], n["path"], n["parent"], n["children"], n["status"]) for nid, n in data["nodes"].items()}
-        return cls(data["domain"], nodes, dict(data.get("counts", {})))
 
 
 def _add_child(tree: Tree, parent: Node, concept: str) -> Node:
@@ -116,7 +52,7 @@ def build_tree(domain: str, gen: GenerateConfig, model: ChatClient, params: Gene
         if not frontier:
             break
         conversations = [subconcept_conversation(gen, domain, node, json_mode) for node in frontier]
-        asked = ask_parsed(model, conversations, params, parse_list, gen.max_retries, cut=drop_cut_name)
+        asked = ask(model, conversations, params, parse_list, max_retries=gen.max_retries, cut=drop_cut_name, reject_foreign_script=True)
         counts["expansion_calls"] += sum(a.attempts for a in asked)
         counts["expansion_retries"] += sum(a.attempts - 1 for a in asked)
         next_frontier: list[Node] = []
@@ -125,7 +61,7 @@ def build_tree(domain: str, gen: GenerateConfig, model: ChatClient, params: Gene
                 node.status = FAILED
                 counts["expansion_failed"] += 1
                 continue
-            items = list(result.value)  # a cut-off reply has lost the name the cut fell in (ask_parsed's `cut`)
+            items = list(result.value)  # a cut-off reply has lost the name the cut fell in (ask's `cut`)
             if result.completion.finish_reason == "length":
                 counts["truncated_lists"] += 1
                 counts["dropped_cut_names"] += result.cut_items

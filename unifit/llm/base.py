@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from unifit.config import BackendConfig
 
 Conversation = list[dict[str, str]]
 
@@ -18,6 +21,13 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     json_mode: bool = False  # ask for a JSON object where the backend supports structured output
+
+    @classmethod
+    def from_backend(cls, backend: "BackendConfig", seed: int, **overrides: Any) -> "GenerationParams":
+        """The backend's sampling settings (token budget, temperature, top_p, repetition penalty) with `seed`;
+        `overrides` replace any field (a judge's greedy decoding, a stage's own token budget)."""
+        return cls(**{"max_new_tokens": backend.max_new_tokens, "temperature": backend.temperature, "top_p": backend.top_p,
+                      "repetition_penalty": backend.repetition_penalty, "seed": seed, **overrides})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

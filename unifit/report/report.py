@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from unifit.atomic import write_text_atomic
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
 from unifit.report.plots import plot_diversity_radar, plot_funnel, plot_ratio_curve, plot_win_rates
 from unifit.report.selection import selection_blocks
@@ -429,9 +430,7 @@ def build_report(run_dirs: Sequence[Path], out_dir: Path, cfgs: Optional[Sequenc
     sections = build_sections(runs, out_dir)
     title = "UNIFIT report — " + ", ".join(r.label for r in runs)
     for name, text in (("report.html", render_html(title, sections)), ("report.md", render_markdown(title, sections))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+        write_text_atomic(out_dir / name, text)
     images = sum(1 for _, blocks in sections for b in blocks if b[0] == "img")
     notes = sum(1 for _, blocks in sections for b in blocks if b[0] == "note")
     log.info("report: %s (%d images, %d notes)", out_dir / "report.html", images, notes)

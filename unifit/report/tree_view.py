@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from unifit.generation.tree import Node, Tree
+from unifit.atomic import write_text_atomic
+from unifit.concept_tree import Node, Tree
 from unifit.records import parquet_files, read_column
 from unifit.stage import read_json
 
@@ -124,9 +125,7 @@ def tree_outline(run_dir: Path, out_dir: Path, name: str) -> Optional[TreeOutlin
     outline = render_outline(tree, node_stats(run_dir, tree))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Concept tree — {html.escape(tree.domain)}</title>"
             f"<style>body{{font-family:sans-serif}}{TREE_CSS}</style></head><body>{outline}</body></html>")
-    tmp = out_dir / f".{name}.tmp"
-    tmp.write_text(page)
-    tmp.replace(out_dir / name)
+    write_text_atomic(out_dir / name, page)
     leaves = sum(1 for node in tree.nodes.values() if not node.children)
     return TreeOutline(outline, f"Concept tree with instances, Pithy kept and mean IFD per node: [{name}]({name})",
                        leaves <= PNG_MAX_LEAVES)

@@ -19,12 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from unifit.config import DEFAULT_TOKENS_PER_BATCH
 from unifit.templates import Message, assistant_header_ids, tokenize_conversation
 
 LM_HEAD_ROWS = 4096  # answer positions projected onto the vocabulary at once (bounds the float32 logits buffer)
-# Default forward size on CPU: measured on SmolLM2-135M (2 cores), 2,048 tokens ran ~10 % faster than 4,096
-# (bench/README.md); GPUs want far larger batches (conf/experiment/cyber_500k.yaml sets 32,768).
-DEFAULT_TOKENS_PER_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -206,7 +204,7 @@ class IFDCost:
 def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
                 max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, progress: bool = False,
                 cost: IFDCost | None = None) -> list[IFDResult]:
-    """One `IFDResult` per example, in input order (contract in DESIGN.md).
+    """One `IFDResult` per example, in input order: the contract every scorer (the score stage, the benches) relies on.
 
     Each example needs non-empty `answer_ids` and `header_ids` (the direct pass must condition the first
     answer token on something). Results do not depend on batch size or order beyond float rounding.

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from unifit.records import parquet_files, read_column, stream_parquet, write_parquet
+from unifit.records import parquet_files, read_column, remove_stale_shards, shard_path, stream_parquet, write_parquet
 from unifit.selection.ifd import IFDCost
 
 SCORE_SCHEMA = pa.schema([
@@ -33,10 +33,6 @@ SCORE_SCHEMA = pa.schema([
     ("truncated", pa.bool_()),
     ("context_truncated", pa.bool_()),
 ])
-
-
-def shard_path(out_dir: Path, index: int) -> Path:
-    return out_dir / f"shard-{index:05d}.parquet"
 
 
 def _shard_done(path: Path, ids: list[str]) -> bool:
@@ -60,18 +56,17 @@ class ShardScorer:
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
                  max_tokens_per_batch: int, shards: dict[str, tuple[int, str, int]], chat_template: Optional[str] = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, pad_token: Optional[str] = None) -> None:
         import ray
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from unifit.models import torch_dtype
+        from unifit.config import ModelConfig
+        from unifit.models import load_model, load_tokenizer
 
         self.node = ray.get_runtime_context().get_node_id()  # reported per shard: the stage counts the nodes that scored
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        if chat_template:
-            self.tokenizer.chat_template = chat_template
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True,
-                                                          trust_remote_code=trust_remote_code).to(device).eval()
+        served = ModelConfig(name=Path(model_dir).name, source="hub", path=model_dir, dtype=dtype, chat_template=chat_template,
+                             trust_remote_code=trust_remote_code, pad_token=pad_token, max_length=max_length)
+        self.tokenizer = load_tokenizer(served, cache_dir=None)
+        self.model = load_model(served, cache_dir=None, device=device).eval()
         self.out_dir = Path(out_dir)
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -131,7 +126,7 @@ def _pool_sizes(wanted: int, cpus_per_actor: float, gpus_per_actor: float) -> tu
 def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
+                  trust_remote_code: bool = False, pad_token: Optional[str] = None) -> dict[str, Any]:
     """Score the instances (a parquet file, a directory of them, or a list of files, in that order) into
     `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
@@ -141,7 +136,8 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
 
     Ray must already be initialised. GPU actors (gpus_per_actor > 0) run the model in `dtype`; CPU actors
     always use float32 (bf16 matmuls on CPU are slow and lose the precision IFD ratios need).
-    `trust_remote_code` is the model config's: the exported scoring model of Baichuan2/Qwen-7B keeps their code.
+    `trust_remote_code` and `pad_token` are the model config's: the exported scoring model of Baichuan2/Qwen-7B keeps
+    their code, and the actors load it through `unifit.models` like every other model.
     """
     import ray
 
@@ -150,10 +146,7 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = read_column(files, "id")
     shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
-    expected = {shard_path(out_dir, index) for index in range(len(shards))}
-    for stale in out_dir.glob("shard-*.parquet"):  # from a larger earlier run: would be read as scores
-        if stale not in expected:
-            stale.unlink()
+    remove_stale_shards(out_dir, keep={shard_path(out_dir, index).name for index in range(len(shards))}, pattern="shard-*.parquet")
     todo = [index for index, shard in enumerate(shards) if not _shard_done(shard_path(out_dir, index), shard)]
     n_shards, nodes = len(shards), 0
     cost = IFDCost()
@@ -166,7 +159,7 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
         constructor = dict(model_dir=str(model_dir), out_dir=str(out_dir), device="cuda" if on_gpu else "cpu",
                            dtype=dtype if on_gpu else "float32", max_length=max_length,
                            max_tokens_per_batch=max_tokens_per_batch, shards=bounds, chat_template=chat_template,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, pad_token=pad_token)
         dataset = stream_parquet(files, ["id", "leaf_id", "concept_path", "messages"])
         if finished:
             dataset = dataset.map_batches(_drop_ids(finished), batch_format="pyarrow", batch_size=None)

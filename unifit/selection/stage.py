@@ -90,7 +90,7 @@ def _score(ctx: StageContext, instances: list[Path], out_dir: Path, model_dir: P
         cpus_per_actor=cfg.cluster.cpus_per_actor, gpus_per_actor=cfg.cluster.gpus_per_actor, dtype=served_as.dtype,
         max_length=served_as.max_length, max_tokens_per_batch=cfg.select.max_tokens_per_batch,
         shard_size=cfg.select.score_shard_size, chat_template=served_as.chat_template,
-        trust_remote_code=served_as.trust_remote_code,
+        trust_remote_code=served_as.trust_remote_code, pad_token=served_as.pad_token,
     )
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, to_container
+from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, accumulation_steps, to_container
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,6 @@ WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_se
 
 class TrainingFailed(RuntimeError):
     """Training stopped for good (restarts exhausted); the message says where the last checkpoint is."""
-
-
-def accumulation_steps(train: TrainConfig, workers: int) -> int:
-    """Micro-batches per optimizer step so that micro × workers × accumulation = global batch."""
-    per_step = train.micro_batch_size * workers
-    if train.global_batch_size % per_step:
-        raise ConfigError(
-            f"config field `train.global_batch_size`: {train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size × cluster.train_workers = {train.micro_batch_size} × {workers}; "
-            f"use e.g. train.global_batch_size={max(1, round(train.global_batch_size / per_step)) * per_step}")
-    return train.global_batch_size // per_step
 
 
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, workers: int, *, bf16: bool) -> dict[str, Any]:

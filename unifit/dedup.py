@@ -8,7 +8,6 @@ the shards were written in one run or across resumed runs.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
 
 NUM_PERM = 128
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -47,14 +46,8 @@ class NearDuplicateIndex:
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._signatures: dict[str, object] = {}
 
-    def __len__(self) -> int:
-        return len(self._signatures)
-
-    def find(self, text: str) -> str | None:
-        """Key of an accepted near-duplicate of `text`, or None."""
-        return self._find(minhash(text, self.shingle_size, self.num_perm))
-
     def _find(self, signature) -> str | None:
+        """Key of an accepted text whose estimated Jaccard similarity with `signature` reaches the threshold, or None."""
         for key in sorted(self._lsh.query(signature)):
             if signature.jaccard(self._signatures[key]) >= self.threshold:
                 return key
@@ -66,26 +59,16 @@ class NearDuplicateIndex:
 
     def insert(self, key: str, text: str) -> None:
         """Index `text` unconditionally (the caller has decided it is novel)."""
-        signature = minhash(text, self.shingle_size, self.num_perm)
-        self._lsh.insert(key, signature)
-        self._signatures[key] = signature
+        self._store(key, minhash(text, self.shingle_size, self.num_perm))
 
     def add(self, key: str, text: str) -> bool:
         """Accept `text` under `key` unless it near-duplicates an accepted text; True if accepted."""
         signature = minhash(text, self.shingle_size, self.num_perm)
         if key in self._signatures or self._find(signature) is not None:
             return False
-        self._lsh.insert(key, signature)
-        self._signatures[key] = signature
+        self._store(key, signature)
         return True
 
-
-def dedup_texts(items: Iterable[tuple[str, str]], threshold: float, shingle_size: int) -> list[str]:
-    """Keys of the (key, text) items kept, in order: the first of each near-duplicate group survives."""
-    index = NearDuplicateIndex(threshold, shingle_size)
-    return [key for key, text in items if index.add(key, text)]
-
-
-def first_question(messages: Sequence[dict[str, str]]) -> str:
-    """The text an instance is deduplicated on: its opening user question."""
-    return next((m["content"] for m in messages if m["role"] == "user"), "")
+    def _store(self, key: str, signature) -> None:
+        self._lsh.insert(key, signature)
+        self._signatures[key] = signature
