@@ -38,6 +38,53 @@ def client_of(complete: Callable[..., list[Any]], name: str = "scripted") -> Any
     return SimpleNamespace(name=name, complete=complete)
 
 
+# Properties `stage_spec` branches on (with `select.train_scorer`): their value is part of the shape of the fingerprint.
+SPEC_SWITCHES = frozenset({"checks_scorer", "scorer_is_tuned_model", "select.train_scorer"})
+
+
+class RecordingConfig:
+    """A stage's config that records the dotted name of every field the stage reads: a section it reads whole (or
+    passes on) records the section's name; a section its fingerprint covers only in part (`select.max_tokens_per_batch`)
+    records each field read from it. Everything else is the real config, values and properties alike."""
+
+    def __init__(self, cfg: Any, partial: frozenset[str], prefix: str = "", reads: set[str] | None = None) -> None:
+        self._cfg, self._partial, self._prefix = cfg, partial, prefix
+        self.reads: set[str] = set() if reads is None else reads
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cfg, name)
+        if not self._prefix and name in self._partial:
+            return RecordingConfig(value, frozenset(), f"{name}.", self.reads)
+        self.reads.add(self._prefix + name)
+        return value
+
+
+def fingerprinted_reads(cfg: UnifitConfig, stage: str) -> tuple[str, ...]:
+    """What `stage` may read of `cfg`: its fingerprinted and inherited sections, the runtime ones and the spec's switches."""
+    from unifit.pipeline import RUNTIME_SECTIONS, STAGE_SPECS, stage_spec
+
+    spec = STAGE_SPECS[stage]
+    return (*stage_spec(cfg, stage)[0], *spec.inherited, *RUNTIME_SECTIONS, *spec.runtime, *SPEC_SWITCHES)
+
+
+def recording_context(cfg: UnifitConfig, run_dir: Path, stage: str, **kwargs: Any) -> Any:
+    """A StageContext whose `cfg` records what the stage reads; `assert_fingerprinted_reads` checks it after the run."""
+    from unifit.stage import StageContext
+
+    allowed = fingerprinted_reads(cfg, stage)
+    partial = frozenset(a.split(".")[0] for a in allowed if "." in a) - set(allowed)
+    return StageContext(RecordingConfig(cfg, partial), run_dir, stage, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_fingerprinted_reads(ctx: Any) -> None:
+    """Fail when the stage read a config field its fingerprint does not cover: a change to it would not rerun the stage."""
+    allowed = fingerprinted_reads(ctx.cfg._cfg, ctx.name)
+    outside = sorted(r for r in ctx.cfg.reads if not any(r == a or r.startswith(f"{a}.") for a in allowed))
+    assert not outside, (f"stage `{ctx.name}` reads {outside}, outside its fingerprinted sections {allowed}: "
+                         f"declare them in unifit.pipeline.STAGE_SPECS")
+    assert ctx.cfg.reads, "nothing was recorded: the stage did not run with the recording config"
+
+
 def compose_config(overrides: list[str]) -> UnifitConfig:
     """Compose conf/ the way `python -m unifit.launch` does, and validate it into dataclasses."""
     from hydra import compose, initialize_config_dir

@@ -185,3 +185,61 @@ def test_editing_the_imported_data_file_reruns_from_generate(tmp_path: Path, rec
     assert recorder.calls == ["generate", "sample", "generate", "sample"]
     with pytest.raises(UserError, match="data.path"):
         pipeline.run(make_cfg(tmp_path / "run", data=DataConfig(path=str(tmp_path / "missing.jsonl"))))
+
+
+def test_a_stage_reads_upstream_outputs_through_their_declared_names(tmp_path: Path) -> None:
+    select = StageContext(UnifitConfig(), tmp_path, "select")
+    with pytest.raises(UserError, match=r"generate/instances is missing: stage `select` reads the instances from stage "
+                                        r"`generate`; run the generate stage first \(stages=\[generate,select\]\); or set data.path"):
+        select.input("instances")
+    (tmp_path / "generate" / "instances").mkdir(parents=True)
+    assert select.input("instances") == tmp_path / "generate" / "instances"
+    with pytest.raises(ValueError, match=r"stage `select` reads `sample` of stage `sample`, which is not among its upstream"):
+        select.input("sample")  # its fingerprint would not follow the sample
+    with pytest.raises(KeyError, match="no stage declares an output named 'instance'"):
+        select.input("instance")
+    # a folder output counts once it is complete; placeholders name the variant
+    evaluate = StageContext(UnifitConfig(), tmp_path, "evaluate")
+    model = pipeline.output_path(tmp_path, "finetuned_model", variant="pithy_ne")
+    assert model == tmp_path / "finetune" / "pithy_ne" / "model"
+    model.mkdir(parents=True)
+    assert evaluate.optional_input("finetuned_model", variant="pithy_ne") is None
+    (model / "config.json").write_text("{}")
+    assert evaluate.optional_input("finetuned_model", variant="pithy_ne") == model
+    # without a trained scorer, score reads no scorer model: asking for one is outside its upstream
+    untrained = StageContext(UnifitConfig(select=SelectConfig(train_scorer=False)), tmp_path, "score")
+    with pytest.raises(ValueError, match="not among its upstream"):
+        untrained.input("scorer")
+
+
+def test_reading_an_unfingerprinted_config_section_is_caught(tmp_path: Path) -> None:
+    """The check the stage tests run after each stage (conftest.assert_fingerprinted_reads), on reads made by hand."""
+    from conftest import assert_fingerprinted_reads, recording_context
+
+    score = recording_context(UnifitConfig(), tmp_path, "score")
+    assert score.cfg.scoring_model.name and score.cfg.select.max_tokens_per_batch and score.cfg.cluster.scoring_actors
+    assert_fingerprinted_reads(score)
+    assert score.cfg.select.ratio  # score's fingerprint holds select.max_tokens_per_batch, not the ratio
+    with pytest.raises(AssertionError, match=r"stage `score` reads \['select.ratio'\], outside its fingerprinted sections"):
+        assert_fingerprinted_reads(score)
+    evaluate = recording_context(UnifitConfig(), tmp_path, "evaluate")
+    assert evaluate.cfg.generate.dedup_threshold and evaluate.cfg.evaluate.num_test_questions
+    assert_fingerprinted_reads(evaluate)
+    assert evaluate.cfg.generate.max_retries
+    with pytest.raises(AssertionError, match=r"reads \['generate.max_retries'\]"):
+        assert_fingerprinted_reads(evaluate)
+
+
+@pytest.mark.parametrize("field", ["cluster.scoring_actors", "train.checkpoint_every", "sample.fraction"])
+def test_an_inherited_field_must_be_fingerprinted_upstream(monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    """`inherited` says an upstream stage's fingerprint holds the field: one that none holds (not fingerprinted at all,
+    a serving detail, or held only by a stage that is not upstream: score does not follow the sample) is refused."""
+    import dataclasses
+
+    spec = pipeline.STAGE_SPECS["score"]
+    monkeypatch.setitem(pipeline.STAGE_SPECS, "score", dataclasses.replace(spec, inherited=(field,)))
+    untrained = UnifitConfig(select=SelectConfig(train_scorer=False))
+    with pytest.raises(ValueError, match=rf"STAGE_SPECS\['score'\]: the inherited config field '{field}' is fingerprinted by no stage"):
+        pipeline.stage_fingerprints(untrained)
+    monkeypatch.setitem(pipeline.STAGE_SPECS, "score", dataclasses.replace(spec, inherited=("domain",)))
+    pipeline.stage_fingerprints(untrained)  # generate holds it

@@ -16,8 +16,9 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from unifit.config import STAGES, UnifitConfig, to_container
 from unifit.fingerprint import fingerprint
@@ -25,20 +26,68 @@ from unifit.stage import StageContext, UserError, read_json, write_json
 
 log = logging.getLogger("unifit")
 
-# stage -> (config sections it reads, upstream stages whose outputs it reads, "module:function")
+
+@dataclass(frozen=True)
+class Output:
+    """One named output of a stage: where it lies inside `<run_dir>/<stage>/` and what it is, for error messages."""
+
+    path: str  # relative to the stage's folder; `{field}` placeholders are filled by the reader (the variant's name)
+    what: str  # in words: "the instances"
+    complete: str = ""  # for a folder: a file inside it that exists once the output is complete
+    hint: str = ""  # another way to provide it, appended to the error that says it is missing
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage reads and writes. Its fingerprint hashes `sections` and its `upstream` stages' fingerprints; it
+    reads only the `outputs` of its upstream stages (`StageContext.input`) and only the config in `sections`,
+    `inherited` and `runtime` (plus `RUNTIME_SECTIONS`)."""
+
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    function: str  # "module:function", imported when the stage runs
+    outputs: Mapping[str, Output]
+    inherited: tuple[str, ...] = ()  # read here, fingerprinted by an upstream stage (checked in `stage_fingerprints`)
+    runtime: tuple[str, ...] = ()  # read here, never fingerprinted: they change how the stage runs, not what it writes
+
+
+_INSTANCES_HINT = "or set data.path to import a file"
 # Generation and scoring read the resolved `generation_model` / `scoring_model`, not `model`: runs that differ
 # only in the base model share generate..select (one generation and one selection for a sweep).
-STAGE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "generate": (("domain", "seed", "generation_model", "backend", "generate", "data"), (), "unifit.generation.stage:run"),
-    "sample": (("sample",), ("generate",), "unifit.selection.stage:run_sample"),
-    "train_scorer": (("scoring_model", "train", "deepspeed"), ("sample",), "unifit.training.stage:run_scorer"),
-    "score": (("scoring_model", "select.max_tokens_per_batch"), ("generate", "train_scorer"), "unifit.selection.stage:run_score"),
-    "select": (("select",), ("generate", "score"), "unifit.selection.stage:run_select"),
-    "finetune": (("model", "train", "deepspeed", "variants"), ("generate", "select"), "unifit.training.stage:run_finetune"),
-    "evaluate": (("model", "judge", "backend", "judge_backend", "evaluate", "variants", "seed"), ("generate", "finetune"),
-                 "unifit.evaluation.stage:run"),
-    "report": ((), ("generate", "select", "evaluate"), "unifit.report.stage:run"),
+STAGE_SPECS: dict[str, StageSpec] = {
+    "generate": StageSpec(
+        ("domain", "seed", "generation_model", "backend", "generate", "data"), (), "unifit.generation.stage:run",
+        {"instances": Output("instances", "the instances", hint=_INSTANCES_HINT),
+         "tree": Output("tree.json", "the concept tree"), "tree_figure": Output("tree.png", "the concept tree's picture"),
+         "self_instruct": Output("self_instruct", "the Self-Instruct baseline's instances"),
+         "generate_report": Output("report.json", "the generation counters")}),
+    "sample": StageSpec(("sample",), ("generate",), "unifit.selection.stage:run_sample",
+                        {"sample": Output("sample.parquet", "the scoring sample")}),
+    "train_scorer": StageSpec(("scoring_model", "train", "deepspeed"), ("sample",), "unifit.training.stage:run_scorer",
+                              {"scorer": Output("model", "the trained scoring model", complete="config.json",
+                                                hint="or set select.train_scorer=false to score with the scorer as configured")}),
+    "score": StageSpec(("scoring_model", "select.max_tokens_per_batch"), ("generate", "train_scorer"),
+                       "unifit.selection.stage:run_score", {"scores": Output("scores", "the IFD scores")},
+                       runtime=("select.score_shard_size",)),  # how the scores are split into files
+    "select": StageSpec(
+        ("select",), ("generate", "score"), "unifit.selection.stage:run_select",
+        {"pithy": Output("pithy.parquet", "the Pithy subset"), "select_report": Output("report.json", "the selection counters"),
+         "ifd_histogram": Output("ifd_hist.png", "the IFD histogram"), "agreement_figure": Output("agreement.png", "the scorer check's plot")},
+        inherited=("data.path", "data.group_by", "scoring_model.name")),  # how the report names the groups and the scorer
+    "finetune": StageSpec(("model", "train", "deepspeed", "variants"), ("generate", "select"), "unifit.training.stage:run_finetune",
+                          {"finetuned_model": Output("{variant}/model", "the fine-tuned model", complete="config.json")}),
+    "evaluate": StageSpec(
+        ("model", "judge", "backend", "judge_backend", "evaluate", "variants", "seed"), ("generate", "finetune"),
+        "unifit.evaluation.stage:run",
+        {"judge": Output("judge.json", "the judge's win rates"), "diversity": Output("diversity.json", "the diversity scores"),
+         "ifeval": Output("ifeval.json", "the IFEval accuracies"), "test_sets": Output("test_sets", "the user test sets' verdicts")},
+        # test questions are about the domain, deduplicated against the training data as generation deduplicated them
+        inherited=("domain", "generate.dedup_threshold", "generate.dedup_shingle_words")),
+    "report": StageSpec((), ("generate", "select", "evaluate"), "unifit.report.stage:run", {"report": Output("report.html", "the report")},
+                        inherited=("model.name", "select.ratio", "select.train_scorer", "variants")),
 }
+# Read by any stage and never fingerprinted: the run's name (W&B), the model cache, the cluster and W&B settings.
+RUNTIME_SECTIONS = ("name", "cache_dir", "cluster", "wandb")
 # Fields that do not change what a stage produces (how it is served, how it survives faults), per section.
 _SERVING = frozenset({"batch_size", "cache", "max_retries", "timeout_s", "url", "api_key_env", "gpu_memory_utilization"})
 NOT_FINGERPRINTED = {"backend": _SERVING, "judge_backend": _SERVING,
@@ -87,12 +136,45 @@ def stage_spec(cfg: UnifitConfig, stage: str) -> tuple[tuple[str, ...], tuple[st
     An untrained scorer makes score depend on the scorer's config alone (not on the sample or its training), so runs
     sharing one off-the-shelf scorer share one scoring. The scorer check makes select read `model` too.
     """
-    sections, upstream, _ = STAGE_SPECS[stage]
+    spec = STAGE_SPECS[stage]
+    sections, upstream = spec.sections, spec.upstream
     if stage == "score" and not cfg.select.train_scorer:
         return (*sections, "select.train_scorer"), tuple(u for u in upstream if u != "train_scorer")
     if stage == "select" and cfg.checks_scorer:
         return (*sections, "model"), upstream
     return sections, upstream
+
+
+_PRODUCERS = {name: stage for stage, spec in STAGE_SPECS.items() for name in spec.outputs}
+
+
+def output_path(run_dir: Path, name: str, **fields: str) -> Path:
+    """Where the declared output `name` lies in a run directory, whether or not it exists (the report reads runs
+    from outside a pipeline this way)."""
+    stage = _PRODUCERS[name]
+    return Path(run_dir) / stage / STAGE_SPECS[stage].outputs[name].path.format(**fields)
+
+
+def stage_input(cfg: UnifitConfig, run_dir: Path, stage: str, name: str, *, required: bool, **fields: str) -> Optional[Path]:
+    """The path of the upstream output `name` that `stage` reads; if it is missing, None or (`required`) a UserError
+    saying which stage writes it. Reading an output of a stage outside `stage`'s upstream is a programming error:
+    the fingerprint would not follow it."""
+    if name not in _PRODUCERS:
+        raise KeyError(f"no stage declares an output named {name!r} in STAGE_SPECS; declared: {sorted(_PRODUCERS)}")
+    producer = _PRODUCERS[name]
+    upstream = stage_spec(cfg, stage)[1]
+    if producer not in upstream:
+        raise ValueError(f"stage `{stage}` reads `{name}` of stage `{producer}`, which is not among its upstream stages "
+                         f"{list(upstream)}: add it to STAGE_SPECS[{stage!r}] so its fingerprint follows that input")
+    output = STAGE_SPECS[producer].outputs[name]
+    path = output_path(run_dir, name, **fields)
+    if (path / output.complete if output.complete else path).exists():
+        return path
+    if not required:
+        return None
+    hint = f"; {output.hint}" if output.hint else ""
+    raise UserError(f"{path} is missing: stage `{stage}` reads {output.what} from stage `{producer}`; run the {producer} "
+                    f"stage first (stages=[{producer},{stage}]){hint}")
 
 
 def _data_section(cfg: UnifitConfig) -> Any:
@@ -116,12 +198,30 @@ def _generate_section(cfg: UnifitConfig) -> Any:
 SECTION_VIEWS: dict[str, Callable[[UnifitConfig], Any]] = {"data": _data_section, "generate": _generate_section}
 
 
+def _check_inherited(cfg: UnifitConfig, stage: str) -> None:
+    """Each `inherited` field of `stage` must be in the sections of a stage upstream of it (directly or further up),
+    so that changing the field reruns `stage` through that stage's fingerprint."""
+    above: set[str] = set()
+    todo = list(stage_spec(cfg, stage)[1])
+    while todo:
+        upstream = todo.pop()
+        if upstream not in above:
+            above.add(upstream)
+            todo += stage_spec(cfg, upstream)[1]
+    for name in STAGE_SPECS[stage].inherited:
+        holders = [u for u in above if any(name == s or name.startswith(f"{s}.") for s in stage_spec(cfg, u)[0])]
+        if not holders or name.split(".")[-1] in NOT_FINGERPRINTED.get(name.split(".")[0], ()):
+            raise ValueError(f"STAGE_SPECS[{stage!r}]: the inherited config field {name!r} is fingerprinted by no stage "
+                             f"upstream of it ({sorted(above)}); move it to its sections")
+
+
 def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
     """Fingerprint of every stage, in pipeline order (upstream fingerprints feed downstream ones)."""
     inputs = {"generate": {"data_file": _file_digest(cfg.data.path)}} if cfg.data.path else {}
     prints: dict[str, str] = {}
     for stage in STAGES:
         sections, upstream = stage_spec(cfg, stage)
+        _check_inherited(cfg, stage)
         prints[stage] = fingerprint({
             "stage": stage,
             "config": {FINGERPRINT_KEY.get(s, s): SECTION_VIEWS[s](cfg) if s in SECTION_VIEWS else _section(cfg, s)
@@ -132,7 +232,7 @@ def stage_fingerprints(cfg: UnifitConfig) -> dict[str, str]:
 
 
 def _stage_function(stage: str) -> Callable[[StageContext], dict[str, Any]]:
-    module_name, function_name = STAGE_SPECS[stage][2].split(":")
+    module_name, function_name = STAGE_SPECS[stage].function.split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
@@ -187,7 +287,9 @@ def _setup_logging(run_dir: Path) -> None:
 
 
 def _check_upstream(cfg: UnifitConfig, run_dir: Path, prints: dict[str, str]) -> None:
-    """A requested stage whose inputs are neither finished nor requested cannot run: say which to add."""
+    """Before any stage runs: a requested stage whose upstream stages are neither finished with their current
+    fingerprint nor requested cannot run; say which to add. (Whether each input file is there, the stage learns from
+    `StageContext.input` when it reads it.)"""
     stages = active_stages(cfg)
     for stage in stages:
         for upstream in stage_spec(cfg, stage)[1]:

@@ -3,7 +3,8 @@
 A stage is a plain function `run(ctx: StageContext) -> dict[str, Any]` returning counts/metrics (numbers
 and short strings); the pipeline records them with the stage's wall time in `timings.json`, the
 manifest and W&B, together with what serving its models cost (`release_models`). A stage gets its model
-clients from `ctx.connect`: each model is loaded once per actor for all the calls of the stage. A stage resumes by looking at what it already wrote under `ctx.out_dir` — the
+clients from `ctx.connect`: each model is loaded once per actor for all the calls of the stage. It reads what upstream stages wrote through
+`ctx.input(name)`, the outputs they declare. A stage resumes by looking at what it already wrote under `ctx.out_dir` — the
 pipeline keeps an interrupted stage's directory as long as its fingerprint is unchanged.
 """
 
@@ -58,9 +59,20 @@ class StageContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def stage_dir(self, stage: str) -> Path:
-        """Output directory of another (upstream) stage."""
-        return self.run_dir / stage
+    def input(self, name: str, **fields: str) -> Path:
+        """The path of the upstream output `name` (declared in `unifit.pipeline.STAGE_SPECS`; `fields` fill its
+        placeholders); a UserError naming the stage to run when it is missing."""
+        from unifit.pipeline import stage_input  # unifit.pipeline imports this module
+
+        path = stage_input(self.cfg, self.run_dir, self.name, name, required=True, **fields)
+        assert path is not None  # required=True raises instead
+        return path
+
+    def optional_input(self, name: str, **fields: str) -> Optional[Path]:
+        """The path of the upstream output `name`, or None when the upstream stage did not write it."""
+        from unifit.pipeline import stage_input  # unifit.pipeline imports this module
+
+        return stage_input(self.cfg, self.run_dir, self.name, name, required=False, **fields)
 
 
 def write_json(path: str | Path, payload: Any) -> Path:

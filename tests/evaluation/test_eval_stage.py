@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pytest
-from conftest import client_of
+from conftest import assert_fingerprinted_reads, client_of, recording_context
 from eval_scripted import picks_longest
 
 from unifit.config import EvaluateConfig, ModelConfig, UnifitConfig, VariantConfig
@@ -16,7 +16,6 @@ from unifit.evaluation.questions import generate_test_questions, parse_question,
 from unifit.concept_tree import Node, Tree, node_id
 from unifit.llm.base import Completion, Conversation, GenerationParams
 from unifit.records import Instance, read_parquet, write_instances
-from unifit.stage import StageContext
 
 TRAINING = "How does SPF stop attackers from spoofing the envelope sender of an email message?"
 
@@ -129,7 +128,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
 
         return client_of(complete, name)
 
-    ctx = StageContext(cfg, run_dir, "evaluate")
+    ctx = recording_context(cfg, run_dir, "evaluate")
     answerers = {"native": answerer("smollm2_135m", 1), "pithy_ne": answerer("pithy_ne", 9), "other": answerer("other", 4)}
     metrics = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answerers=answerers)
     out = run_dir / "evaluate"
@@ -141,7 +140,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     answers = read_parquet(out / "answers.parquet")
     assert len(answers) == 15 and {a["model"] for a in answers} == {"native", "pithy_ne", "other"}
     assert {a["question_id"] for a in answers} == set(questions["question_id"])
-    models, missing = evaluation_stage.compared_models(cfg, run_dir)
+    models, missing = evaluation_stage.compared_models(ctx)
     assert models["pithy_ne"].path == str(run_dir / "finetune" / "pithy_ne" / "model") and models["pithy_ne"].source == "hub"
     assert missing == ["all"] and sorted({name for name, _ in asked}) == ["other", "pithy_ne", "smollm2_135m"]
     assert all(p.temperature == 0.0 and p.repetition_penalty == 1.2 for _, p in asked)
@@ -178,6 +177,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path: Path) -> None:
 
     again = evaluation_stage.run(ctx, judge=ScriptedGenerator(), answerers={name: client_of(must_not_run) for name in answerers})
     assert again["win_rate/pithy_ne"] == 1.0
+    assert_fingerprinted_reads(ctx)
 
 
 def test_judge_setup_flags_self_judging_as_smoke_test() -> None:
@@ -208,11 +208,12 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
                        evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
                                                diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
                                                judge_max_retries=1, question_max_rounds=3, ifeval_prompts=2, ifeval_max_new_tokens=8))
-    ctx = StageContext(cfg, run_dir, "evaluate")
+    ctx = recording_context(cfg, run_dir, "evaluate")
     metrics = evaluation_stage.run(ctx)
     for pool in ctx.clients.pools.values():
         pool.wait_ready()  # an actor still starting may have had no batch; its load counts all the same
     serving = ctx.release_models()
+    assert_fingerprinted_reads(ctx)
     judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
     n = metrics["test_questions"]
     assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
+from conftest import assert_fingerprinted_reads, recording_context
 from gen_scripted import Scripted, make_cfg
 
 from unifit.generation.self_instruct import run_self_instruct, seed_tasks
@@ -15,15 +17,14 @@ from unifit.stage import StageContext, read_json
 
 
 def context(cfg) -> StageContext:
-    from pathlib import Path
-
     return StageContext(cfg, Path(cfg.run_dir), "generate")
 
 
 def test_stage_writes_instances_tree_report(tmp_path) -> None:
     cfg = make_cfg(tmp_path, n_subconcepts=2, depth=2, turns=2, shard_size=3)
-    ctx = context(cfg)
+    ctx = recording_context(cfg, Path(cfg.run_dir), "generate")
     counts = run(ctx, Scripted())
+    assert_fingerprinted_reads(ctx)
     out = ctx.out_dir
     rows = read_parquet(out / "instances")
     assert counts["leaves"] == 8 and counts["instances"] == len(rows) == 16 and counts["shards_generated"] == 3

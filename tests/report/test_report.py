@@ -8,13 +8,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import assert_fingerprinted_reads, recording_context
 
 from unifit.config import ModelConfig, SelectConfig, UnifitConfig, VariantConfig, to_container
 from unifit.evaluation.judge import aggregate
 from unifit.report.__main__ import main
 from unifit.report.report import build_report
 from unifit.report.stage import run as report_stage
-from unifit.stage import StageContext
 
 VARIANTS = [VariantConfig("pithy", "pithy", False), VariantConfig("all", "all", False),
             VariantConfig("pithy_ne", "pithy", True), VariantConfig("all_ne", "all", True)]
@@ -134,7 +134,9 @@ def _table1(page: Page) -> list[list[str]]:
 def test_report_of_a_finished_run(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, "demo")
     cfg = UnifitConfig(run_dir=str(run_dir), variants=VARIANTS)
-    metrics = report_stage(StageContext(cfg, run_dir, "report"))
+    ctx = recording_context(cfg, run_dir, "report")
+    metrics = report_stage(ctx)
+    assert_fingerprinted_reads(ctx)
     out = run_dir / "report"
     page = _page(out)
     assert set(page.images) == {"tree.png", "ifd_hist.png", "win_rates.png", "diversity_radar.png", "funnel.png"}

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import assert_fingerprinted_reads, recording_context
 
 from unifit.config import SelectConfig, UnifitConfig
 from unifit.records import Instance, read_parquet, write_instances, write_parquet
@@ -15,7 +16,7 @@ from unifit.selection.pithy import coverage, select_pithy
 from unifit.selection.sample import draw_sample, k_per_leaf
 from unifit.selection.score import SCORE_SCHEMA
 from unifit.selection.stage import run_sample, run_select
-from unifit.stage import StageContext, UserError
+from unifit.stage import UserError
 
 
 def instance(leaf: str, scope: str, index: int) -> dict:
@@ -81,11 +82,13 @@ def test_stage_sample_and_select_write_their_files(tmp_path: Path) -> None:
     rows = dataset({"a": 30, "b": 30, "x": 30, "y": 30})
     write_instances(rows, tmp_path / "generate" / "instances" / "shard-00000.parquet")
     cfg = UnifitConfig(select=SelectConfig(agreement_fraction=0))  # the scorer check is tested in test_scorer_choice.py
-    counts = run_sample(StageContext(cfg, tmp_path, "sample"))
+    sample_ctx = recording_context(cfg, tmp_path, "sample")
+    counts = run_sample(sample_ctx)
+    assert_fingerprinted_reads(sample_ctx)
     assert counts["sample_size"] == 4 * k_per_leaf(120, 4, cfg.sample.fraction) == 8
     assert len(read_parquet(tmp_path / "sample" / "sample.parquet")) == 8
 
-    ctx = StageContext(cfg, tmp_path, "select")
+    ctx = recording_context(cfg, tmp_path, "select")
     with pytest.raises(UserError, match="no IFD score"):
         write_parquet([], tmp_path / "score" / "scores" / "shard-00000.parquet", SCORE_SCHEMA)
         run_select(ctx)
@@ -95,6 +98,7 @@ def test_stage_sample_and_select_write_their_files(tmp_path: Path) -> None:
                "truncated": False, "context_truncated": False} for r in rows]
     write_parquet(scored, tmp_path / "score" / "scores" / "shard-00000.parquet", SCORE_SCHEMA)
     counts = run_select(ctx)
+    assert_fingerprinted_reads(ctx)
     expected = select_pithy(scored, ratio=cfg.select.ratio, max_ifd=1.0)
     pithy = read_parquet(tmp_path / "select" / "pithy.parquet")
     assert [r["id"] for r in pithy] == expected.kept_ids and counts["kept"] == 7 == round(0.06 * 120)

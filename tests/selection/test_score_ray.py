@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model_config
+from conftest import assert_fingerprinted_reads, recording_context, tiny_model_config
 from unifit.config import ClusterConfig, SelectConfig, UnifitConfig
 from unifit.models import resolve_model_dir
 from unifit.records import Instance, read_parquet, write_instances, write_parquet
@@ -61,7 +61,9 @@ def test_two_actors_equal_one_actor_and_resume(ray_local, run_dir: Path, tiny_mo
     model_cfg.max_length = MAX_LENGTH
     cfg = UnifitConfig(model=model_cfg, cluster=ClusterConfig(scoring_actors=2),
                        select=SelectConfig(score_shard_size=4, max_tokens_per_batch=128))
-    counts = run_score(StageContext(cfg, run_dir, "score"))
+    ctx = recording_context(cfg, run_dir, "score")
+    counts = run_score(ctx)
+    assert_fingerprinted_reads(ctx)
     assert counts["shards"] == 3 and counts["shards_computed"] == 3 and counts["shards_reused"] == 0
     assert counts["scored"] == 9 and counts["truncated"] == 1 and counts["score_seconds"] > 0
     two = by_id(read_parquet(run_dir / "score" / "scores"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model_config
+from conftest import assert_fingerprinted_reads, recording_context, tiny_model_config
 from unifit import pipeline
 from unifit.config import ClusterConfig, ConfigError, DataConfig, ModelConfig, SelectConfig, UnifitConfig
 from unifit.data_import import import_instances
@@ -152,11 +152,15 @@ def test_untrained_scorer_and_the_check_on_tiny_models(ray_local, tmp_path: Path
     tuned = tiny_model_config("qwen2")
     cfg = UnifitConfig(model=tuned, scorer=scorer, cluster=ClusterConfig(scoring_actors=1),
                        select=SelectConfig(train_scorer=False, ratio=0.25, max_ifd=10.0, score_shard_size=5))
-    counts = run_score(StageContext(cfg, tmp_path, "score"))  # no train_scorer/ directory: the scorer as configured
+    score_ctx = recording_context(cfg, tmp_path, "score")
+    counts = run_score(score_ctx)  # no train_scorer/ directory: the scorer as configured
+    assert_fingerprinted_reads(score_ctx)
     assert counts["scored"] == 12 and counts["scorer_trained"] == 0
     assert 0 < counts["padding_efficiency"] <= 1 and counts["reference_flops_ratio"] > 1
 
-    counts = run_select(StageContext(cfg, tmp_path, "select"))
+    select_ctx = recording_context(cfg, tmp_path, "select")
+    counts = run_select(select_ctx)
+    assert_fingerprinted_reads(select_ctx)
     report = json.loads((tmp_path / "select" / "report.json").read_text())
     check = report["agreement"]
     assert check["sample"] == 12 and len(read_parquet(tmp_path / "select" / "agreement_scores")) == 12

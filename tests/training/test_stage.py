@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import assert_fingerprinted_reads, recording_context
 
 from unifit.config import ModelConfig, UnifitConfig, VariantConfig
 from unifit.records import Instance, write_instances
@@ -58,6 +59,8 @@ def test_scorer_trains_from_scorer_and_variants_from_the_base_model(tmp_path: Pa
     write_instances([Instance(messages, "leaf", ["cyber", "leaf"], "concept_tree", "writer")], tmp_path / "select" / "pithy.parquet")
     cfg = UnifitConfig(model=ModelConfig(name="base"), scorer=ModelConfig(name="shared_scorer"),
                        variants=[VariantConfig(name="pithy", data="pithy", neftune=False)])
-    run_scorer(StageContext(cfg=cfg, run_dir=tmp_path, name="train_scorer"))
-    run_finetune(StageContext(cfg=cfg, run_dir=tmp_path, name="finetune"))
+    for stage, run in (("train_scorer", run_scorer), ("finetune", run_finetune)):
+        ctx = recording_context(cfg, tmp_path, stage)
+        run(ctx)
+        assert_fingerprinted_reads(ctx)
     assert trained == {"train_scorer": "shared_scorer", "pithy": "base"}

@@ -1,6 +1,6 @@
 """Every compared model answers every test question with the same greedy settings.
 
-Compared models: the native base model, each fine-tuned variant (`finetune/<variant>/model/`), and
+Compared models: the native base model, each fine-tuned variant (the finetune stage's `finetuned_model`), and
 any `evaluate.extra_models`. Answers are saved per model as they finish, so an interrupted evaluate
 stage resumes with the models still missing. A variant whose model directory does not exist (its
 stage did not run) is reported as missing, never silently left out.
@@ -17,6 +17,7 @@ import pyarrow as pa
 from unifit.config import ConfigError, ModelConfig, UnifitConfig
 from unifit.llm.base import ChatClient, Conversation, FreeTextModel, GenerationParams, as_client
 from unifit.records import read_parquet, write_parquet
+from unifit.stage import StageContext
 
 NATIVE = "native"
 ANSWER_SCHEMA = pa.schema([
@@ -27,17 +28,18 @@ ANSWER_SCHEMA = pa.schema([
 ])
 
 
-def compared_models(cfg: UnifitConfig, run_dir: Path) -> tuple[dict[str, ModelConfig], list[str]]:
+def compared_models(ctx: StageContext) -> tuple[dict[str, ModelConfig], list[str]]:
     """Name -> model for every model to compare, and the names of variants whose fine-tuned model is missing.
 
     A fine-tuned directory is loaded as a hub-style local dir with the base model's dtype, length and
     template settings, since fine-tuning does not change how the model is served.
     """
+    cfg = ctx.cfg
     models: dict[str, ModelConfig] = {NATIVE: cfg.model}
     missing: list[str] = []
     for variant in cfg.variants:
-        model_dir = run_dir / "finetune" / variant.name / "model"
-        if not (model_dir / "config.json").exists():
+        model_dir = ctx.optional_input("finetuned_model", variant=variant.name)
+        if model_dir is None:
             missing.append(variant.name)
             continue
         models[variant.name] = dataclasses.replace(cfg.model, name=variant.name, source="hub", path=str(model_dir), random_init={})

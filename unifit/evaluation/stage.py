@@ -23,6 +23,7 @@ from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions
 from unifit.evaluation.test_sets import load_test_set
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.llm.client import served_name
+from unifit.pipeline import output_path
 from unifit.records import read_parquet, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
 from unifit.text import first_question
@@ -58,12 +59,12 @@ def answer_backend(cfg: UnifitConfig) -> BackendConfig:
 
 def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node]:
     """Leaves of generate/tree.json; for imported data (no tree) the instances' distinct concept paths."""
-    tree_path = ctx.stage_dir("generate") / "tree.json"
-    if tree_path.exists():
+    tree_path = ctx.optional_input("tree")
+    if tree_path is not None:
         return Tree.from_json(read_json(tree_path)).leaves()
     paths = {tuple(row["concept_path"]) for row in instances if row.get("concept_path")}
     if not paths:
-        raise UserError(f"{tree_path} is missing and the training instances carry no concept_path: there is nothing to "
+        raise UserError(f"{output_path(ctx.run_dir, 'tree')} is missing and the training instances carry no concept_path: there is nothing to "
                         f"ask test questions about; run the generate stage (stages=[generate,...])")
     return [Node(path[-1], list(path), None) for path in sorted(paths)]
 
@@ -146,17 +147,14 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     out = ctx.out_dir
     judge_model, judge_backend, caveat = judge_setup(cfg)
     judge_client = as_client(judge) if judge is not None else ctx.connect(judge_model, judge_backend, f"judge {served_name(judge_model, judge_backend)}")
-    instances_dir = ctx.stage_dir("generate") / "instances"
-    if not instances_dir.exists():
-        raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
-    instances = read_parquet(instances_dir)
+    instances = read_parquet(ctx.input("instances"))
     test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
 
     questions, question_counts = _test_questions(ctx, judge_client, instances)
     metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
     ctx.log_metrics(metrics)
 
-    models, missing = compared_models(cfg, ctx.run_dir)
+    models, missing = compared_models(ctx)
     given = dict(answerers or {})
     backend = answer_backend(cfg)
     clients = {name: as_client(given[name]) if name in given else ctx.connect(model, backend, f"answers {model.name}")
@@ -178,8 +176,8 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
         scored = read_json(diversity_path)
     else:
         sources = {"unifit": [first_question(row["messages"]) for row in instances]}
-        self_instruct = ctx.stage_dir("generate") / "self_instruct"
-        if self_instruct.exists():
+        self_instruct = ctx.optional_input("self_instruct")
+        if self_instruct is not None:
             sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
         params = GenerationParams.from_backend(judge_backend, cfg.seed, max_new_tokens=cfg.evaluate.diversity_max_new_tokens,
                                                temperature=0.0, top_p=1.0, json_mode=judge_backend.name != "hf")

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 from unifit.atomic import write_text_atomic
 from unifit.config import ConfigError, UnifitConfig, VariantConfig, from_container
+from unifit.pipeline import output_path
 from unifit.report.plots import plot_diversity_radar, plot_funnel, plot_ratio_curve, plot_win_rates
 from unifit.report.selection import selection_blocks
 from unifit.report.tree_view import TREE_CSS, tree_outline
@@ -82,12 +83,12 @@ def load_run(run_dir: Path, cfg: Optional[UnifitConfig] = None) -> RunData:
         label=cfg.model.name if cfg else run_dir.name,
         cfg=cfg,
         timings=_read(run_dir / "timings.json", notes),
-        generate_report=_read(run_dir / "generate" / "report.json", notes),
-        select_report=_read(run_dir / "select" / "report.json", notes),
-        judge=_read(run_dir / "evaluate" / "judge.json", notes),
-        diversity=_read(run_dir / "evaluate" / "diversity.json", notes),
-        ifeval=_read(run_dir / "evaluate" / "ifeval.json", notes),
-        test_sets={path.parent.name: judged for path in sorted((run_dir / "evaluate" / "test_sets").glob("*/judge.json"))
+        generate_report=_read(output_path(run_dir, "generate_report"), notes),
+        select_report=_read(output_path(run_dir, "select_report"), notes),
+        judge=_read(output_path(run_dir, "judge"), notes),
+        diversity=_read(output_path(run_dir, "diversity"), notes),
+        ifeval=_read(output_path(run_dir, "ifeval"), notes),
+        test_sets={path.parent.name: judged for path in sorted(output_path(run_dir, "test_sets").glob("*/judge.json"))
                    if (judged := _read(path, notes)) is not None},
         notes=notes,
     )
@@ -223,7 +224,7 @@ def _ifeval_blocks(runs: Sequence[RunData]) -> list[Block]:
     blocks: list[Block] = []
     for run in runs:
         if not (run.ifeval and run.ifeval.get("models")):
-            blocks.append(("note", f"Not run ({run.label}): {run.run_dir / 'evaluate' / 'ifeval.json'} is missing "
+            blocks.append(("note", f"Not run ({run.label}): {output_path(run.run_dir, 'ifeval')} is missing "
                                    f"(the evaluate stage has not run, or evaluate.ifeval_prompts=0)."))
             continue
         scored = run.ifeval["models"]
@@ -264,7 +265,7 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
             blocks += _win_blocks(label, result, what="generated domain test questions")
     for run in runs:
         if not (run.judge and "win_rate" in run.judge):
-            reason = (run.judge or {}).get("skipped") or f"{run.run_dir / 'evaluate' / 'judge.json'} is missing (the evaluate stage has not run)"
+            reason = (run.judge or {}).get("skipped") or f"{output_path(run.run_dir, 'judge')} is missing (the evaluate stage has not run)"
             blocks.append(("note", f"Not run ({run.label}): {reason}."))
     sections.append(("Figure 4 — judge win rate", blocks))
 
@@ -291,7 +292,7 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
             rows = [[f"{label}: {source}", *[f"{e['mean'][d]:.2f} ± {e['std'][d]:.2f}" if "mean" in e else "—" for d in dims],
                      str(len(e["draws"])), str(e["failures"])] for source, e in result["sources"].items()]
             blocks.append(("table", ["source", *dims, "draws", "failed draws"], rows))
-    blocks += [("note", f"Not run ({r.label}): {r.run_dir / 'evaluate' / 'diversity.json'} is missing.")
+    blocks += [("note", f"Not run ({r.label}): {output_path(r.run_dir, 'diversity')} is missing.")
                for r in runs if not (r.diversity and r.diversity.get("sources"))]
     sections.append(("Figure 3 — instruction diversity", blocks))
 
@@ -313,24 +314,25 @@ def build_sections(runs: Sequence[RunData], out_dir: Path) -> list[tuple[str, li
             blocks.append(("img", plot_funnel(steps, f"From generated pairs to the Pithy selection — {run.label}", out_dir / name).name,
                            "data funnel"))
         else:
-            blocks.append(("note", f"Not run: {run.run_dir / 'generate' / 'report.json'} is missing (the generate stage has not run)."))
+            blocks.append(("note", f"Not run: {output_path(run.run_dir, 'generate_report')} is missing (the generate stage has not run)."))
         outline = tree_outline(run.run_dir, out_dir, f"{_prefix(run, many)}tree.html")
         if outline is not None:
             blocks.append(("html", outline.html, outline.markdown))
-        for stage, image, alt in (("generate", "tree.png", "concept tree"), ("select", "ifd_hist.png", "IFD histogram")):
-            picture = run.run_dir / stage / image
+        for stage, image, alt in (("generate", "tree_figure", "concept tree"), ("select", "ifd_histogram", "IFD histogram")):
+            picture = output_path(run.run_dir, image)
             if stage == "generate" and outline is not None and not outline.png_readable:
                 log.info("report: %s has too many leaves to draw; the outline replaces the picture", run.label)
             elif picture.exists():
-                blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{image}"), alt))
+                blocks.append(("img", _copy_image(picture, out_dir, f"{_prefix(run, many)}{picture.name}"), alt))
             else:
                 blocks.append(("note", f"Not run: {picture} is missing (the {stage} stage has not run)."))
         for stage, counts, header in (("generate", run.generate_report, "generation / filter count"),
                                       ("select", run.select_report, "selection count")):
+            counts_file = output_path(run.run_dir, f"{stage}_report")
             if counts is not None:
-                blocks.append(("details", f"All {stage} counters ({run.run_dir / stage / 'report.json'})", [header, "value"], _flat(counts)))
+                blocks.append(("details", f"All {stage} counters ({counts_file})", [header, "value"], _flat(counts)))
             else:
-                blocks.append(("note", f"Not run: {run.run_dir / stage / 'report.json'} is missing."))
+                blocks.append(("note", f"Not run: {counts_file} is missing."))
             if stage == "select":
                 blocks += selection_blocks(run.run_dir, counts, out_dir, _prefix(run, many))
         sections.append(("Data: concept tree, funnel and Pithy selection" + (f" — {run.label}" if many else ""), blocks))

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from unifit.pipeline import output_path
+
 if TYPE_CHECKING:
     from unifit.report.report import Block
 
@@ -36,8 +38,8 @@ def group_blocks(select_report: dict[str, Any]) -> list["Block"]:
     return blocks
 
 
-def agreement_blocks(select_report: dict[str, Any], select_dir: Path, out_dir: Path, prefix: str) -> list["Block"]:
-    """The scorer check: numbers, and the scatter plot copied next to the report."""
+def agreement_blocks(select_report: dict[str, Any], picture: Path, out_dir: Path, prefix: str) -> list["Block"]:
+    """The scorer check: numbers, and the scatter plot `picture` copied next to the report."""
     check: Optional[dict[str, Any]] = select_report.get("agreement")
     if not check:
         return [("note", "Scorer check not run: this select/report.json predates it.")]
@@ -59,7 +61,6 @@ def agreement_blocks(select_report: dict[str, Any], select_dir: Path, out_dir: P
             ["check time (s, not part of selection time)", f"{check['seconds']:.1f}"],
         ]),
     ]
-    picture = select_dir / "agreement.png"
     if picture.exists():
         name = f"{prefix}agreement.png"
         shutil.copyfile(picture, out_dir / name)
@@ -71,4 +72,4 @@ def selection_blocks(run_dir: Path, select_report: Optional[dict[str, Any]], out
     """Both pieces for one run (nothing when the select stage has not run: the section already says so)."""
     if select_report is None:
         return []
-    return group_blocks(select_report) + agreement_blocks(select_report, run_dir / "select", out_dir, prefix)
+    return group_blocks(select_report) + agreement_blocks(select_report, output_path(run_dir, "agreement_figure"), out_dir, prefix)

@@ -17,6 +17,7 @@ from typing import Optional
 
 from unifit.atomic import write_text_atomic
 from unifit.concept_tree import Node, Tree
+from unifit.pipeline import output_path
 from unifit.records import parquet_files, read_column
 from unifit.stage import read_json
 
@@ -51,11 +52,11 @@ def _leaf_ids(path: Path) -> list[str]:
 def node_stats(run_dir: Path, tree: Tree) -> dict[str, NodeStats]:
     """Per node id: its leaves' instances (generate), kept instances (select) and IFD (score), rolled up the tree."""
     leaves: dict[str, NodeStats] = defaultdict(NodeStats)
-    for leaf in _leaf_ids(run_dir / "generate" / "instances"):
+    for leaf in _leaf_ids(output_path(run_dir, "instances")):
         leaves[leaf].instances += 1
-    for leaf in _leaf_ids(run_dir / "select" / "pithy.parquet"):
+    for leaf in _leaf_ids(output_path(run_dir, "pithy")):
         leaves[leaf].kept += 1
-    scores = run_dir / "score" / "scores"
+    scores = output_path(run_dir, "scores")
     if scores.exists():
         files = parquet_files(scores)
         for leaf, ifd in zip(read_column(files, "leaf_id"), read_column(files, "ifd")):
@@ -118,7 +119,7 @@ class TreeOutline:
 def tree_outline(run_dir: Path, out_dir: Path, name: str) -> Optional[TreeOutline]:
     """The run's concept tree as an outline, also written as its own page `out_dir/name`; None without a concept
     tree (imported data)."""
-    tree_file = run_dir / "generate" / "tree.json"
+    tree_file = output_path(run_dir, "tree")
     if not tree_file.exists():
         return None
     tree = Tree.from_json(read_json(tree_file))

@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
+    from unifit.pipeline import output_path
     from unifit.records import read_parquet
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scores = []
     for run in (args.run_a, args.run_b) if args.run_b else (args.run_a,):
-        folder = run / "score" / "scores"
+        folder = output_path(run, "scores")
         if not folder.is_dir():
             parser.error(f"{folder} does not exist: give run directories whose score stage has run")
         scores.append(read_parquet(folder))

@@ -1,6 +1,6 @@
 """Selection stages: sample (T for the scoring model), score (IFD of every instance), select (the Pithy set).
 
-Each reads ALL instances from `generate/instances/` and writes only into its own directory; the
+Each reads ALL instances (`ctx.input("instances")`) and writes only into its own directory; the
 scoring-model SFT between sample and score is the training stage, chained by the pipeline.
 """
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def _all_instances(ctx: StageContext) -> list[dict[str, Any]]:
-    path = ctx.stage_dir("generate") / "instances"
-    rows = read_parquet(path) if path.exists() else []
+    path = ctx.input("instances")
+    rows = read_parquet(path)
     if not rows:
         raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
     return rows
@@ -31,8 +31,8 @@ def _all_instances(ctx: StageContext) -> list[dict[str, Any]]:
 
 def _instance_files(ctx: StageContext) -> list[Path]:
     """The instance shards, for stages that stream them rather than load them."""
-    path = ctx.stage_dir("generate") / "instances"
-    files = parquet_files(path) if path.exists() else []
+    path = ctx.input("instances")
+    files = parquet_files(path)
     if not count_rows(files):
         raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
     return files
@@ -53,10 +53,7 @@ def run_score(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     scorer = cfg.scoring_model  # how the scorer is served: its (base's) dtype, context and chat template
     if cfg.select.train_scorer:
-        model_dir: Path | str = ctx.stage_dir("train_scorer") / "model"
-        if not (Path(model_dir) / "config.json").exists():
-            raise UserError(f"{model_dir}: no scoring model; run the train_scorer stage first "
-                            "(or set select.train_scorer=false to score with the scorer as configured)")
+        model_dir: Path | str = ctx.input("scorer")
     else:
         model_dir = _model_dir(ctx, scorer)
     files = _instance_files(ctx)
@@ -98,10 +95,10 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
     """select/pithy.parquet (instances, IFD descending), select/report.json and select/ifd_hist.png."""
     cfg = ctx.cfg.select
     instances = {row["id"]: row for row in _all_instances(ctx)}
-    scores = read_parquet(ctx.stage_dir("score") / "scores")
+    scores = read_parquet(ctx.input("scores"))
     missing = len(set(instances) - {s["id"] for s in scores})
     if missing:
-        raise UserError(f"{ctx.stage_dir('score') / 'scores'}: {missing} instances have no IFD score; rerun the score stage")
+        raise UserError(f"{ctx.input('scores')}: {missing} instances have no IFD score; rerun the score stage")
     selection = select_pithy(scores, ratio=cfg.ratio, max_ifd=cfg.max_ifd, min_per_leaf=cfg.min_per_leaf)
     kept = [instances[i] for i in selection.kept_ids]
     write_instances(kept, ctx.out_dir / "pithy.parquet")

@@ -1,27 +1,29 @@
-"""Supervised fine-tuning with Ray Train + DeepSpeed: setup on the driver, `train_loop` in every worker.
+"""Supervised fine-tuning with Ray Train + DeepSpeed: setup on the driver, the `SFTRecipe` in every worker.
 
 Driver (`run_sft`): tokenize with the chat template (assistant-only labels), pack or shuffle, hand rows to
 the workers as a Ray Data dataset, size the DeepSpeed config, run `TorchTrainer`, return the metrics.
-Worker (`train_loop`): everything it needs arrives in `train_loop_config` (no module globals); it loads the
-model, wraps it with `deepspeed.initialize` (ZeRO-2/3, optional offload, bf16 on GPU, torch AdamW, cosine
-schedule with warm-up), resumes from `ray.train.get_checkpoint()` if there is one, trains, checkpoints
-every `train.checkpoint_every` steps, and exports the final model (rank 0) as a Hugging Face directory.
+Worker (`train_loop` → `SFTRecipe`): everything it needs arrives in one frozen `LoopConfig` (no module globals);
+it loads the model, wraps it with `deepspeed.initialize` (ZeRO-2/3, optional offload, bf16 on GPU, torch AdamW,
+cosine schedule with warm-up), resumes from the newest checkpoint if there is one, trains, checkpoints every
+`train.checkpoint_every` steps, and exports the final model (rank 0) as a Hugging Face directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, accumulation_steps, to_container
+from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, WandbConfig, accumulation_steps, to_container
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ STATE_FILE = "unifit_state.json"  # inside each checkpoint: the optimizer step i
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 RUN_NAME = "sft"  # Ray Train run name: checkpoints land in <storage>/sft/step-XXXXXXXX/
 METRICS_FILE = "metrics.json"  # beside the exported model: written last, so its presence means "done"
-WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_seconds", "export_seconds")  # timed in train_loop besides loop_seconds
+WORKER_PHASES = ("setup_seconds", "load_seconds", "init_seconds", "data_start_seconds", "export_seconds")  # timed by SFTRecipe besides loop_seconds
 
 
 class TrainingFailed(RuntimeError):
@@ -76,7 +78,14 @@ def effective_zero_stage(ds: DeepSpeedConfig, workers: int) -> int:
     return ds.zero_stage
 
 
-def plan_steps(train: TrainConfig, rows: int, workers: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class StepPlan:
+    micro_per_epoch: int  # micro-batches per epoch per worker
+    accumulation: int  # micro-batches per optimizer step
+    total_steps: int  # optimizer steps of the whole run
+
+
+def plan_steps(train: TrainConfig, rows: int, workers: int) -> StepPlan:
     """Micro-batches per epoch per worker and total optimizer steps (Ray splits rows equally, dropping < workers)."""
     if rows < workers:
         raise ConfigError(f"config field `cluster.train_workers`: {workers} workers but only {rows} training rows; "
@@ -84,7 +93,33 @@ def plan_steps(train: TrainConfig, rows: int, workers: int) -> dict[str, int]:
     micro_per_epoch = math.ceil((rows // workers) / train.micro_batch_size)
     accumulation = accumulation_steps(train, workers)
     total = train.max_steps if train.max_steps > 0 else max(1, math.ceil(train.epochs * micro_per_epoch / accumulation))
-    return {"micro_per_epoch": micro_per_epoch, "accumulation": accumulation, "total_steps": total}
+    return StepPlan(micro_per_epoch=micro_per_epoch, accumulation=accumulation, total_steps=total)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a Ray Train worker needs, decided once on the driver (`run_sft`); the workers read nothing else."""
+
+    model_dir: str  # the base model as a safetensors directory
+    model: ModelConfig  # how it loads (remote code), and its tokenizer, exported beside the weights
+    cache_dir: str
+    train: TrainConfig  # with `packing` as it runs (off for models with their own modeling code)
+    ds_config: dict[str, Any]
+    zero_stage: int  # the stage that runs (`effective_zero_stage`)
+    plan: StepPlan
+    use_gpu: bool
+    pad_id: int
+    neftune_alpha: float  # 0 = no NEFTune
+    export_dir: str  # the Hugging Face directory written at the end
+    storage: str  # Ray Train's storage: checkpoints, and the loop metrics handed to the driver
+    wandb: WandbConfig
+    wandb_name: str
+    wandb_dir: str
+    on_step: Optional[Callable[[int, int], None]] = None  # (step, rank) after each optimizer step; tests inject failures
+
+    @property
+    def loop_metrics_path(self) -> Path:
+        return Path(self.storage) / "loop_metrics.json"
 
 
 def model_complete(out_dir: Path) -> bool:
@@ -151,31 +186,19 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
     resume = latest_checkpoint(storage)
     stage_note = "" if zero_stage == cfg.deepspeed.zero_stage else f" (deepspeed.zero_stage={cfg.deepspeed.zero_stage}: nothing to partition on one worker)"
     log.info("SFT %s: %d examples -> %d rows (packing=%s), %d steps, %d workers, ZeRO-%d%s%s",
-             model_cfg.name, len(examples), len(rows), packing, plan["total_steps"], workers,
+             model_cfg.name, len(examples), len(rows), packing, plan.total_steps, workers,
              zero_stage, stage_note, f", resuming from step {resume[1]}" if resume else "")
 
-    loop_config = {
-        "model_dir": str(resolve_model_dir(model_cfg, cfg.cache_dir)),
-        "model_cfg": to_container(model_cfg),
-        "cache_dir": str(cfg.cache_dir),
-        "train": {**to_container(cfg.train), "packing": packing},
-        "ds_config": ds_config,
-        "zero_stage": zero_stage,
-        "plan": plan,
-        "use_gpu": use_gpu,
-        "pad_id": tokenizer.pad_token_id,
-        "neftune_alpha": float(neftune_alpha),
-        "export_dir": str(out_dir / "model"),
-        "loop_metrics_path": str(storage / "loop_metrics.json"),
-        "storage": str(storage),
-        "wandb": {**to_container(cfg.wandb), "name": f"{cfg.name}-{out_dir.name}", "dir": str(out_dir)},
-        "on_step": on_step,
-    }
+    loop_config = LoopConfig(
+        model_dir=str(resolve_model_dir(model_cfg, cfg.cache_dir)), model=model_cfg, cache_dir=str(cfg.cache_dir),
+        train=dataclasses.replace(cfg.train, packing=packing), ds_config=ds_config, zero_stage=zero_stage, plan=plan,
+        use_gpu=use_gpu, pad_id=tokenizer.pad_token_id, neftune_alpha=float(neftune_alpha), export_dir=str(out_dir / "model"),
+        storage=str(storage), wandb=cfg.wandb, wandb_name=f"{cfg.name}-{out_dir.name}", wandb_dir=str(out_dir), on_step=on_step,
+    )
     ensure_ray(cfg.cluster)
     worker_resources = {"CPU": cpus_per_train_worker(cfg.cluster), **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
+        functools.partial(train_loop, loop_config),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(storage),
@@ -184,7 +207,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
         ),
         datasets={"train": ray.data.from_items(rows)},
     )
-    Path(loop_config["loop_metrics_path"]).unlink(missing_ok=True)
+    loop_config.loop_metrics_path.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         trainer.fit()
@@ -195,7 +218,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
             f"training {model_cfg.name} failed after train.max_failures={cfg.train.max_failures} restart(s): {_first_line(error)}. "
             f"Last checkpoint: {where}; rerunning the stage resumes from it.") from error
     train_seconds = time.perf_counter() - start
-    metrics = {**read_json(loop_config["loop_metrics_path"]), "train_seconds": train_seconds, "examples": len(examples),
+    metrics = {**read_json(loop_config.loop_metrics_path), "train_seconds": train_seconds, "examples": len(examples),
                "rows": len(rows), "packed": int(packing), "truncated": encode_report.truncated, "dropped_no_answer": encode_report.dropped_no_answer}
     in_worker = sum(metrics[key] for key in WORKER_PHASES) + metrics["loop_seconds"]
     log.info("SFT %s: %.1fs = Ray Train start/stop %.1fs + worker setup %.1fs, load %.1fs, DeepSpeed init %.1fs, "
@@ -205,110 +228,181 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
     return metrics
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker. Reads only `config`; see `run_sft` for its keys."""
-    phase_start = time.perf_counter()
-    phases = dict.fromkeys(WORKER_PHASES, 0.0)  # seconds per phase; the stage log shows where a short run's time goes
+def train_loop(config: LoopConfig) -> None:
+    """One Ray Train worker: the recipe's steps in order."""
+    recipe = SFTRecipe(config)
+    recipe.setup()
+    recipe.train()
+    recipe.export()
+    recipe.cleanup()
 
-    def end_phase(name: str) -> None:
-        nonlocal phase_start
+
+class SFTRecipe:
+    """Fine-tuning inside one Ray Train worker, in the shape of torchtune's single-device recipe: `setup` (model,
+    NEFTune, DeepSpeed engine, the resume state, W&B), `train` (optimizer steps over `_micro_batches`, checkpointing
+    with `save_checkpoint`), `export` (rank 0's Hugging Face directory) and `cleanup` (metrics to the driver, W&B).
+
+    Each phase's seconds land in `phases`: the stage log shows where a short run's time goes.
+    """
+
+    def __init__(self, config: LoopConfig) -> None:
+        self.config = config
+        self.phases = dict.fromkeys(WORKER_PHASES, 0.0)
+        self._phase_start = time.perf_counter()  # setup_seconds counts the heavy imports too
+        self.step = 0  # optimizer steps done, the resumed ones included
+        self.resumed_from = 0
+        self.epoch = 0  # passes over this worker's shard begun, the resumed ones included
+        self.final_loss = float("nan")
+        self.tokens = 0.0  # non-pad tokens trained on, all workers
+        self.positions = 0.0  # positions computed, padding included, all workers
+        self.loop_seconds = 0.0
+        self._loop_start: Optional[float] = None
+
+    def _end_phase(self, name: str) -> None:
         now = time.perf_counter()
-        phases[name] = round(now - phase_start, 2)
-        phase_start = now
+        self.phases[name] = round(now - self._phase_start, 2)
+        self._phase_start = now
 
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train
+        import torch
 
-    from unifit.training.attention import attention_for
-    from unifit.training.data import collate, model_inputs
-    from unifit.training.neftune import NEFTuneHook
+        from unifit.training.attention import attention_for
 
-    train = TrainConfig(**config["train"])
-    plan, use_gpu, zero_stage = config["plan"], config["use_gpu"], config["zero_stage"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.manual_seed(train.seed + rank)
-    device = torch.device("cuda", context.get_local_rank()) if use_gpu else torch.device("cpu")
-    if use_gpu:
-        torch.cuda.set_device(device)
+        config = self.config
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        torch.manual_seed(config.train.seed + self.rank)
+        self.device = torch.device("cuda", context.get_local_rank()) if config.use_gpu else torch.device("cpu")
+        if config.use_gpu:
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")  # wraps Ray's process group; zero.Init needs it
+        attn_implementation, self.mask_mode = attention_for(config.train.packing, flash=config.use_gpu and _flash_attn_available())
+        keep_alive = None
+        if config.zero_stage == 3:  # from_pretrained loads straight into partitions (zero.Init) while this object lives
+            from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # wraps Ray's process group; zero.Init needs it
-    attn_implementation, mask_mode = attention_for(train.packing, flash=use_gpu and _flash_attn_available())
-    ds_config = config["ds_config"]
-    keep_alive = None
-    if zero_stage == 3:  # from_pretrained loads straight into partitions (zero.Init) while this object lives
-        from transformers.integrations import HfDeepSpeedConfig
+            keep_alive = HfDeepSpeedConfig(config.ds_config)
+        self._end_phase("setup_seconds")
+        model = self._load_model(attn_implementation)
+        self._end_phase("load_seconds")
+        self.engine = self._setup_engine(model)
+        del keep_alive
+        self.step = self.resumed_from = self._restore()
+        self._end_phase("init_seconds")
+        self.wandb_run = self._setup_wandb() if self.rank == 0 else None
 
-        keep_alive = HfDeepSpeedConfig(ds_config)
-    end_phase("setup_seconds")
-    model_cfg = ModelConfig(**config["model_cfg"])
-    model = AutoModelForCausalLM.from_pretrained(
-        config["model_dir"], dtype=torch.bfloat16 if use_gpu else torch.float32,
-        trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
-        attn_implementation=attn_implementation,
-        # On CPU the weights stay in this process's memory: read them in now. Memory-mapped, the first optimizer step
-        # would copy every page on write (SmolLM2-135M: +1.0 s on the first step against +0.3-0.4 s to read the file).
-        disable_mmap=not use_gpu,
-    )
-    model.config.use_cache = False
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
-    neftune = NEFTuneHook(config["neftune_alpha"], generator=generator)
-    if config["neftune_alpha"] > 0:
-        neftune.attach(model)
+    def _load_model(self, attn_implementation: str) -> Any:
+        """The base model, with gradient checkpointing and the NEFTune hook as configured."""
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    end_phase("load_seconds")
-    total_steps = plan["total_steps"]
-    warmup = int(round(train.warmup_ratio * total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-        lr_scheduler=lambda optimizer: get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
-    )
-    del keep_alive
+        from unifit.training.neftune import NEFTuneHook
 
-    step = resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    on_storage = latest_checkpoint(Path(config["storage"]))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            registered = (Path(directory), int(json.loads((Path(directory) / STATE_FILE).read_text())["step"]))
-            source = on_storage if on_storage and on_storage[1] > registered[1] else registered
-            engine.load_checkpoint(str(source[0]), tag=DS_TAG)
-            step = resumed_from = source[1]
-    elif on_storage is not None:
-        engine.load_checkpoint(str(on_storage[0]), tag=DS_TAG)
-        step = resumed_from = on_storage[1]
+        config = self.config
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_dir, dtype=torch.bfloat16 if config.use_gpu else torch.float32,
+            trust_remote_code=config.model.trust_remote_code, use_safetensors=True,
+            attn_implementation=attn_implementation,
+            # On CPU the weights stay in this process's memory: read them in now. Memory-mapped, the first optimizer step
+            # would copy every page on write (SmolLM2-135M: +1.0 s on the first step against +0.3-0.4 s to read the file).
+            disable_mmap=not config.use_gpu,
+        )
+        model.config.use_cache = False
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1000 + self.rank)
+        self.neftune = NEFTuneHook(config.neftune_alpha, generator=generator)
+        if config.neftune_alpha > 0:
+            self.neftune.attach(model)
+        return model
 
-    end_phase("init_seconds")
-    wandb_run = _wandb_init(config["wandb"], config) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-    accumulation = plan["accumulation"]
-    skip = step * accumulation  # micro-batches already consumed before the checkpoint
-    epoch = skip // plan["micro_per_epoch"]
-    skip -= epoch * plan["micro_per_epoch"]
-    # this step's loss × label tokens, label tokens, non-pad tokens, positions computed (padding included)
-    window = torch.zeros(4, dtype=torch.float64)
-    total_tokens, total_positions, final_loss, micro = 0.0, 0.0, float("nan"), 0
-    # One worker has no gradients to average: skip DeepSpeed's all-reduce of every gradient (ZeRO-2/3 need theirs)
-    alone = context.get_world_size() == 1 and zero_stage < 2
-    loop_start = None  # the loop's clock starts at the first batch: Ray Data's pipeline start-up is a phase of its own
-    engine.train()
-    while step < total_steps:
-        for columns in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"):
-            if loop_start is None:
-                end_phase("data_start_seconds")
-                loop_start = time.perf_counter()
-            if skip:
-                skip -= 1
-                continue
-            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            batch = collate(rows, config["pad_id"], packed=train.packing, mask_mode=mask_mode)
-            neftune.attention_mask = batch["attention_mask"].to(device)
-            neftune.segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
+    def _setup_engine(self, model: Any) -> Any:
+        """The DeepSpeed engine: ZeRO as configured, torch AdamW, cosine schedule with warm-up."""
+        import deepspeed
+        from transformers import get_cosine_schedule_with_warmup
+
+        total_steps = self.config.plan.total_steps
+        warmup = int(round(self.config.train.warmup_ratio * total_steps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config.ds_config,
+            lr_scheduler=lambda optimizer: get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
+        )
+        return engine
+
+    def _restore(self) -> int:
+        """Load the newest complete checkpoint into the engine and return its step (0 without one): the one Ray
+        registered, or a newer one on storage that a kill kept Ray from registering (`latest_checkpoint`)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        on_storage = latest_checkpoint(Path(self.config.storage))
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                registered = (Path(directory), int(json.loads((Path(directory) / STATE_FILE).read_text())["step"]))
+                source = on_storage if on_storage and on_storage[1] > registered[1] else registered
+                self.engine.load_checkpoint(str(source[0]), tag=DS_TAG)
+                return source[1]
+        if on_storage is not None:
+            self.engine.load_checkpoint(str(on_storage[0]), tag=DS_TAG)
+            return on_storage[1]
+        return 0
+
+    def _setup_wandb(self) -> Any:
+        """Rank 0's W&B run, or None when disabled (per-step loss, lr and tokens go here)."""
+        config = self.config
+        if config.wandb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=config.wandb.project, entity=config.wandb.entity, mode=config.wandb.mode,
+                          name=config.wandb_name, dir=config.wandb_dir, reinit="finish_previous",
+                          config={"train": to_container(config.train), "deepspeed": config.ds_config,
+                                  "model": to_container(config.model), "neftune_alpha": config.neftune_alpha})
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """This worker's micro-batches, collated, pass after pass over its shard until the last step; after a resume
+        the micro-batches consumed before the checkpoint are skipped. The loop's clock starts at the first batch:
+        Ray Data's pipeline start-up is a phase of its own."""
+        import ray.train
+
+        from unifit.training.data import collate
+
+        plan, train = self.config.plan, self.config.train
+        shard = ray.train.get_dataset_shard("train")
+        skip = self.step * plan.accumulation
+        self.epoch = skip // plan.micro_per_epoch
+        skip -= self.epoch * plan.micro_per_epoch
+        while self.step < plan.total_steps:
+            self.epoch += 1
+            for columns in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"):
+                if self._loop_start is None:
+                    self._end_phase("data_start_seconds")
+                    self._loop_start = time.perf_counter()
+                if skip:
+                    skip -= 1
+                    continue
+                rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+                yield collate(rows, self.config.pad_id, packed=train.packing, mask_mode=self.mask_mode)
+
+    def train(self) -> None:
+        """Optimizer steps up to the plan's total; loss and token counts are reduced over all workers at each step."""
+        import torch
+        import torch.distributed as dist
+
+        from unifit.training.data import model_inputs
+
+        config, engine, device = self.config, self.engine, self.device
+        # this step's loss × label tokens, label tokens, non-pad tokens, positions computed (padding included)
+        window = torch.zeros(4, dtype=torch.float64)
+        micro = 0
+        # One worker has no gradients to average: skip DeepSpeed's all-reduce of every gradient (ZeRO-2/3 need theirs)
+        alone = self.world_size == 1 and config.zero_stage < 2
+        engine.train()
+        for batch in self._micro_batches():
+            self.neftune.attention_mask = batch["attention_mask"].to(device)
+            self.neftune.segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
             loss = engine(**model_inputs(batch, device)).loss
             with engine.no_sync() if alone else contextlib.nullcontext():
                 engine.backward(loss)
@@ -317,40 +411,83 @@ def train_loop(config: dict[str, Any]) -> None:
             window += torch.tensor([float(loss.detach()) * label_tokens, label_tokens, float(batch["attention_mask"].sum()),
                                     float(batch["attention_mask"].numel())], dtype=torch.float64)
             micro += 1
-            if micro % accumulation:
+            if micro % config.plan.accumulation:
                 continue
-            step += 1
+            self.step += 1
             dist.all_reduce(window)
-            final_loss = float(window[0] / window[1].clamp(min=1))
-            total_tokens += float(window[2])
-            total_positions += float(window[3])
-            if wandb_run is not None:
-                wandb_run.log({"train/loss": final_loss, "train/lr": engine.get_lr()[0],
-                               "train/tokens": total_tokens}, step=step)
+            self.final_loss = float(window[0] / window[1].clamp(min=1))
+            self.tokens += float(window[2])
+            self.positions += float(window[3])
+            if self.wandb_run is not None:
+                self.wandb_run.log({"train/loss": self.final_loss, "train/lr": engine.get_lr()[0],
+                                    "train/tokens": self.tokens}, step=self.step)
             window.zero_()
-            if config["on_step"] is not None:
-                config["on_step"](step, rank)
-            if step % train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, step, {"loss": final_loss, "step": step}, Path(config["storage"]))
-            if step >= total_steps:
+            if config.on_step is not None:
+                config.on_step(self.step, self.rank)
+            if self.step % config.train.checkpoint_every == 0 and self.step < config.plan.total_steps:
+                self.save_checkpoint()
+            if self.step >= config.plan.total_steps:
                 break
-        epoch += 1
-    loop_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
-    phase_start = time.perf_counter()
-    _export(engine, zero_stage, rank, config)
-    end_phase("export_seconds")
-    metrics = {"steps": step, "final_loss": final_loss, "tokens": total_tokens, "positions": total_positions,
-               "padding_efficiency": total_tokens / total_positions if total_positions else 0.0, "loop_seconds": loop_seconds,
-               "tokens_per_second": total_tokens / loop_seconds if loop_seconds > 0 else 0.0,
-               "resumed_from_step": resumed_from, "epochs_seen": epoch, **phases}
-    if wandb_run is not None:
-        wandb_run.summary.update(metrics)
-        wandb_run.finish()
-    if rank == 0:  # Ray's Result keeps the metrics of the last *checkpoint* report, so hand these over in a file
-        from unifit.stage import write_json
+        self.loop_seconds = time.perf_counter() - self._loop_start if self._loop_start is not None else 0.0
 
-        write_json(config["loop_metrics_path"], metrics)
-    ray.train.report(metrics)
+    def save_checkpoint(self) -> None:
+        """Every rank writes its DeepSpeed shard straight into the checkpoint directory on storage, as DeepSpeed expects.
+
+        No node-local staging copy for Ray to upload: that doubled the I/O, and a 7B ZeRO checkpoint (~100 GB) may not
+        fit in a node's /tmp, where a worker killed mid-save also left it behind. Once `save_checkpoint` returns, this
+        rank's files are on storage: only then is its `rank_<r>.done` marker written (a stale one from an interrupted
+        earlier attempt goes first), so `latest_checkpoint` never picks a partial one.
+        """
+        import ray.train
+
+        name = f"step-{self.step:08d}"
+        directory = Path(self.config.storage) / RUN_NAME / name
+        marker = directory / f"rank_{self.rank}.done"
+        marker.unlink(missing_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        if self.rank == 0:
+            (directory / STATE_FILE).write_text(json.dumps({"step": self.step, "world_size": self.world_size}))
+        ray.train.report({"loss": self.final_loss, "step": self.step}, checkpoint=ray.train.Checkpoint(str(directory)),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        marker.touch()
+
+    def export(self) -> None:
+        """Rank 0 writes the HF directory (safetensors + tokenizer + chat template) atomically."""
+        from unifit.models import load_tokenizer
+
+        self._phase_start = time.perf_counter()
+        engine = self.engine
+        # ZeRO-3 partitions every parameter: gathering is a collective, so all ranks take part
+        state = engine._zero3_consolidated_16bit_state_dict() if self.config.zero_stage == 3 else engine.module.state_dict()
+        if self.rank == 0:
+            target = Path(self.config.export_dir)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.module.config.use_cache = True
+            engine.module.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in state.items()}, safe_serialization=True)
+            load_tokenizer(self.config.model, self.config.cache_dir).save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        self._end_phase("export_seconds")
+
+    def cleanup(self) -> None:
+        """Report the run's metrics: to W&B (rank 0), to the driver in a file (Ray's Result keeps the metrics of the
+        last *checkpoint* report) and to Ray Train."""
+        import ray.train
+
+        metrics = {"steps": self.step, "final_loss": self.final_loss, "tokens": self.tokens, "positions": self.positions,
+                   "padding_efficiency": self.tokens / self.positions if self.positions else 0.0,
+                   "loop_seconds": self.loop_seconds,
+                   "tokens_per_second": self.tokens / self.loop_seconds if self.loop_seconds > 0 else 0.0,
+                   "resumed_from_step": self.resumed_from, "epochs_seen": self.epoch, **self.phases}
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(metrics)
+            self.wandb_run.finish()
+        if self.rank == 0:
+            from unifit.stage import write_json
+
+            write_json(self.config.loop_metrics_path, metrics)
+        ray.train.report(metrics)
 
 
 def _first_line(error: BaseException) -> str:
@@ -362,57 +499,3 @@ def _flash_attn_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def _save_checkpoint(engine: Any, step: int, metrics: dict[str, Any], storage: Path) -> None:
-    """Every rank writes its DeepSpeed shard straight into the checkpoint directory on storage, as DeepSpeed expects.
-
-    No node-local staging copy for Ray to upload: that doubled the I/O, and a 7B ZeRO checkpoint (~100 GB) may not
-    fit in a node's /tmp, where a worker killed mid-save also left it behind. Once `save_checkpoint` returns, this
-    rank's files are on storage: only then is its `rank_<r>.done` marker written (a stale one from an interrupted
-    earlier attempt goes first), so `latest_checkpoint` never picks a partial one.
-    """
-    import ray.train
-
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    name = f"step-{step:08d}"
-    directory = storage / RUN_NAME / name
-    marker = directory / f"rank_{rank}.done"
-    marker.unlink(missing_ok=True)
-    engine.save_checkpoint(str(directory), tag=DS_TAG)
-    if rank == 0:
-        (directory / STATE_FILE).write_text(json.dumps({"step": step, "world_size": context.get_world_size()}))
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(directory)), checkpoint_dir_name=name,
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-    marker.touch()
-
-
-def _export(engine: Any, zero_stage: int, rank: int, config: dict[str, Any]) -> None:
-    """Rank 0 writes the HF directory (safetensors + tokenizer + chat template) atomically."""
-    from unifit.models import load_tokenizer
-
-    # ZeRO-3 partitions every parameter: gathering is a collective, so all ranks take part
-    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
-    if rank != 0:
-        return
-    target = Path(config["export_dir"])
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.config.use_cache = True
-    engine.module.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in state.items()}, safe_serialization=True)
-    load_tokenizer(ModelConfig(**config["model_cfg"]), config["cache_dir"]).save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
-def _wandb_init(settings: dict[str, Any], config: dict[str, Any]) -> Any:
-    """Rank 0's W&B run, or None when disabled (per-step loss, lr and tokens go here)."""
-    if settings["mode"] == "disabled":
-        return None
-    import wandb
-
-    return wandb.init(project=settings["project"], entity=settings["entity"], mode=settings["mode"],
-                      name=settings["name"], dir=settings["dir"], reinit="finish_previous",
-                      config={"train": config["train"], "deepspeed": config["ds_config"], "model": config["model_cfg"],
-                              "neftune_alpha": config["neftune_alpha"]})

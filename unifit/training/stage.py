@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 REPORTED = ("train_seconds", "steps", "final_loss", "tokens", "tokens_per_second", "examples", "truncated", "dropped_no_answer")
 
 
-def _load(path: Path, what: str) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise UserError(f"{path} is missing: run the stage that writes {what} first")
+def _load(ctx: StageContext, name: str) -> list[dict[str, Any]]:
+    """The instances of the upstream output `name` (a UserError when it is missing or empty)."""
+    path = ctx.input(name)
     rows = read_parquet(path)
     if not rows:
-        raise UserError(f"{path} holds no instances: nothing to train on ({what})")
+        raise UserError(f"{path} holds no instances: nothing to train on")
     return rows
 
 
@@ -42,23 +42,18 @@ def _train(ctx: StageContext, load: Callable[[], list[dict[str, Any]]], out_dir:
 
 def run_scorer(ctx: StageContext) -> dict[str, Any]:
     """SFT the scoring base (`scorer`, else the base model) on the scoring sample T (no NEFTune) -> train_scorer/model/."""
-    sample = ctx.stage_dir("sample") / "sample.parquet"
-    metrics, reused = _train(ctx, lambda: _load(sample, "the scoring sample (stage `sample`)"), ctx.out_dir, neftune_alpha=0.0,
-                             model_cfg=ctx.cfg.scoring_model)
+    metrics, reused = _train(ctx, lambda: _load(ctx, "sample"), ctx.out_dir, neftune_alpha=0.0, model_cfg=ctx.cfg.scoring_model)
     return {**{key: metrics[key] for key in REPORTED if key in metrics}, "reused": int(reused)}
 
 
 def run_finetune(ctx: StageContext) -> dict[str, Any]:
     """One model per `cfg.variants` entry -> finetune/<variant>/model/; `train_seconds` sums the variants."""
-    sources = {
-        "pithy": (ctx.stage_dir("select") / "pithy.parquet", "the Pithy subset (stage `select`)"),
-        "all": (ctx.stage_dir("generate") / "instances", "all instances (stage `generate`)"),
-    }
+    sources = {"pithy": "pithy", "all": "instances"}  # variant.data -> the upstream output it trains on
     loaded: dict[str, list[dict[str, Any]]] = {}
 
     def instances(data: str) -> list[dict[str, Any]]:
         if data not in loaded:  # each data set read once, and only if a variant still needs training
-            loaded[data] = _load(*sources[data])
+            loaded[data] = _load(ctx, sources[data])
         return loaded[data]
 
     result: dict[str, Any] = {"train_seconds": 0.0, "reused": 0}
