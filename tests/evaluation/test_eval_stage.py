@@ -12,7 +12,7 @@ from eval_scripted import picks_longest
 
 from unifit.config import EvaluateConfig, ModelConfig, UnifitConfig, VariantConfig
 from unifit.evaluation import stage as evaluation_stage
-from unifit.evaluation.questions import generate_test_questions, parse_question, training_index
+from unifit.evaluation.questions import generate_test_questions, parse_test_question, training_index
 from unifit.concept_tree import Node, Tree, node_id
 from unifit.llm.base import Completion, Conversation, GenerationParams
 from unifit.records import Instance, read_parquet, write_instances
@@ -30,8 +30,8 @@ TRAINING = "How does SPF stop attackers from spoofing the envelope sender of an 
     ("", None),
     ("Question: ???", None),
 ])
-def test_parse_question(reply: str, expected: str | None) -> None:
-    assert parse_question(reply) == expected
+def test_parse_test_question(reply: str, expected: str | None) -> None:
+    assert parse_test_question(reply) == expected
 
 
 def _tree(domain: str = "cybersecurity") -> Tree:

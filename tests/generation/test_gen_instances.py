@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import client_of
 from gen_scripted import Scripted, make_cfg, pseudo_word
 
-from unifit.generation.instances import generate_leaf_instances
+from unifit.generation.instances import generate_leaf_instances, parse_followup_question
 from unifit.generation.tree import build_tree
 from unifit.llm.base import Completion, GenerationParams
 from unifit.records import instance_id
@@ -15,6 +16,17 @@ def leaves_of(tmp_path, **generate):
     cfg = make_cfg(tmp_path, **generate)
     tree = build_tree(cfg.domain, cfg.generate, Scripted(), GenerationParams())
     return cfg.generate, tree.leaves()
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("Sure! Here is a question:\nWhat is DNS spoofing?", "What is DNS spoofing?"),  # the chatter line is skipped
+    ("Question 2: How does DKIM sign mail?", "How does DKIM sign mail?"),  # the label is removed
+    ("Explain how SPF records work", None),  # a follow-up must be a question: an instruction is not one
+    ("What is DNS? It maps names.", None),  # the line must end at its question mark
+    ("Why?", None),  # fewer than three words
+])
+def test_parse_followup_question(reply: str, expected: str | None) -> None:
+    assert parse_followup_question(reply) == expected
 
 
 def test_multi_turn_structure_and_instance_fields(tmp_path) -> None:

@@ -35,7 +35,7 @@ _ANSWER = re.compile(r"\n\s*(?:\*\*)?\s*(?:answer|a)\s*\d*\s*(?:\*\*)?\s*:", re.
 MIN_CHARS, MAX_CHARS = 10, 1000
 
 
-def parse_question(text: str) -> Optional[str]:
+def parse_test_question(text: str) -> Optional[str]:
     """The question in a reply: labels ("Question 1:", "1."), any answer part and chatter after the first "?" removed.
 
     None if nothing usable is left. Small models often keep talking after the question; cutting at the
@@ -94,7 +94,7 @@ def generate_test_questions(generator: ChatClient | FreeTextModel, leaves: Seque
             replies = client.complete(conversations, call_params)
             counts["asked"] += len(group)
             for leaf, conversation, reply in zip(group, conversations, replies):
-                question = parse_question(reply.text)
+                question = parse_test_question(reply.text)
                 if question is None:
                     counts["unparseable"] += 1
                     continue

@@ -58,8 +58,12 @@ def reject_reason(question: str, answer: str, gen: GenerateConfig) -> Optional[s
     return None
 
 
-def parse_question(text: str) -> Optional[str]:
-    """The first line that reads as a question ("Question:" labels and list markers removed); None if none does."""
+def parse_followup_question(text: str) -> Optional[str]:
+    """A follow-up question reply: its first line that reads as a question ("Question:" labels and list markers removed;
+    a question mark and three words at least); None if none does.
+
+    Its own format, apart from `evaluation.questions.parse_test_question`: a follow-up must be a question about the
+    last answer, where a test question may be an instruction, so the two parsers accept different replies."""
     for line in text.splitlines():
         item = re.sub(r"^(?:new\s+)?(?:question|q)\s*\d*\s*[:.-]\s*", "", clean_item(line), flags=re.IGNORECASE)
         if item.endswith("?") and len(item.split()) >= 3:
@@ -140,7 +144,7 @@ def _followups(conversations: list[tuple[Node, Conversation]], gen: GenerateConf
         last_questions = [conversations[i][1][-2]["content"] for i in active]
         if gen.leaf_mode == "two_step":
             prompts = [[{"role": "user", "content": gen.followup_question_prompt.format(question=q)}] for q in last_questions]
-            asked = ask(model, prompts, params, parse_question, max_retries=gen.max_retries, reject_foreign_script=True)
+            asked = ask(model, prompts, params, parse_followup_question, max_retries=gen.max_retries, reject_foreign_script=True)
         else:
             asked = ask(model, [followup_conversation(gen, q) for q in last_questions], params, parse_qa,
                         max_retries=gen.max_retries, cut=drop_last, reject_foreign_script=True)
