@@ -30,7 +30,7 @@ class HFChatModel:
         if self.device == "cpu" and cpu_threads > 0:
             torch.set_num_threads(cpu_threads)
         if self.device == "cpu" and model_cfg.dtype == "bfloat16" and not cpu_has_fast_bf16():
-            log.warning("model.dtype=bfloat16, but oneDNN has no bf16 kernels for this CPU (it needs AVX-512 or Arm BF16): "
+            log.warning("model.dtype=bfloat16, but this CPU has no native bf16 arithmetic (avx512_bf16, amx_bf16 or Arm bf16): "
                         "%s generates in float32, which is faster here", model_cfg.name)
             model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         self.tokenizer = load_tokenizer(model_cfg, cache_dir)
