@@ -70,9 +70,9 @@ def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str
 
 
 def offers_choice(backend: BackendConfig) -> bool:
-    """Whether the backend can choose among options by probability: local hf weights always; an OpenAI-compatible
-    endpoint when it returns logprobs or takes vLLM's guided_choice; the vLLM engine actor not yet (free text)."""
-    return backend.name == "hf" or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
+    """Whether the backend can choose among options by probability: local weights (hf, vLLM engines) always; an
+    OpenAI-compatible endpoint when it returns logprobs or takes vLLM's guided_choice."""
+    return backend.name in ("hf", "vllm") or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
 
 
 def backend_class(name: str) -> type:
