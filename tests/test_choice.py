@@ -16,6 +16,16 @@ from unifit.llm.choice import (choice_from_logprobs, choice_from_text, choice_fr
                                needs_terminator, score_continuations)
 
 
+class TokenCache:
+    """Stands in for a transformers cache: the token ids each row has seen (`batch_repeat_interleave` as in transformers)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.ids = self.ids.repeat_interleave(repeats, dim=0)
+
+
 class BigramModel(torch.nn.Module):
     """Known logits: the next-token logits are row `table[previous token]` (transformers' causal-LM call shape)."""
 
@@ -23,10 +33,16 @@ class BigramModel(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(torch.tensor(table, dtype=torch.float32), requires_grad=False)
         self.calls = 0
+        self.seen: list[torch.Tensor] = []  # per call: cached tokens + input tokens, per row
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                past_key_values: TokenCache | None = None, use_cache: bool = False) -> SimpleNamespace:
         self.calls += 1
-        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])
+        seen = input_ids if past_key_values is None else torch.cat([past_key_values.ids, input_ids], dim=1)
+        assert attention_mask.shape == seen.shape  # the mask covers the cached positions too
+        self.seen.append(seen)
+        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:],
+                               past_key_values=TokenCache(seen) if use_cache else None)
 
 
 def _expected(table: np.ndarray, prompt: list[int], option: list[int]) -> float:
@@ -39,14 +55,16 @@ def _expected(table: np.ndarray, prompt: list[int], option: list[int]) -> float:
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
-def test_scores_equal_the_known_log_probabilities_in_one_forward_pass(k: int) -> None:
+def test_scores_equal_the_known_log_probabilities_with_the_prompt_run_once(k: int) -> None:
     rng = np.random.default_rng(k)
     table = rng.normal(size=(12, 12)) * 3
     model = BigramModel(table)
     prompt = [1, 4, 7]
     options = [list(rng.integers(0, 12, size=rng.integers(1, 4))) for _ in range(k)]  # different lengths: padding matters
     scores = score_continuations(model, prompt, options, pad_id=0)
-    assert model.calls == 1
+    assert model.calls == 2  # the prompt once, then all k options on copies of its cache
+    assert model.seen[0].tolist() == [prompt[:-1]]
+    assert [row[: len(prompt) + len(o)] for row, o in zip(model.seen[1].tolist(), options)] == [prompt + o for o in options]
     assert scores == pytest.approx([_expected(table, prompt, o) for o in options], abs=1e-4)
     choice = choice_from_logprobs(scores)
     probs = np.exp(np.array(scores) - max(scores))

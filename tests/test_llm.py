@@ -52,6 +52,19 @@ def test_hf_backend_generates_in_bf16_on_cpu_only_where_the_cpu_has_it(fast: boo
     assert completion.num_output_tokens == 4
 
 
+@pytest.mark.parametrize("cpuinfo,native", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n", False),  # AVX-512 without BF16: emulated, slower
+    ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", True),
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),
+    ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm
+    ("", False),
+])
+def test_cpu_has_fast_bf16_only_with_native_bf16(cpuinfo: str, native: bool) -> None:
+    from unifit.models import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16(cpuinfo) == native
+
+
 class _Handler(BaseHTTPRequestHandler):
     """A minimal OpenAI-compatible /v1/chat/completions: fails the first `fail_first` calls with 503."""
 

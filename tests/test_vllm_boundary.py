@@ -68,10 +68,34 @@ def test_one_engine_per_actor_per_stage_whatever_the_number_of_calls(engines: An
             assert structured.text.startswith('{"w":') and structured.finish_reason == "stop" and structured.num_output_tokens == 2
             [cut] = client.complete(CONVERSATIONS[:1], GenerationParams(max_new_tokens=4, seed=9))
             assert cut.finish_reason == "length" and cut.num_output_tokens == 4
+            [verdict] = client.choose(CONVERSATIONS[:1], ["[[1]]", "[[2]]"])  # the judge's call, through the engine actor
+            assert verdict.probs == pytest.approx(tuple(fake_vllm.option_probs(CONVERSATIONS[0], ["[[1]]", "[[2]]"])))
         client.pool.close()  # the stage ends: its engines go
     assert engines.constructions() == 1 + 2  # one vllm.LLM per actor per stage, whatever the number of calls
     assert replies[1] == replies[2]  # 1 or 2 engines: the same replies, in input order
     assert len({text for call in replies[1] for text in call}) == 3 * len(CONVERSATIONS)  # seeds and prompts reach the engine
+
+
+@pytest.mark.parametrize("options", [["[[1]]", "[[2]]", "[[3]]"], [str(i) for i in range(1, 11)]])
+def test_engine_chooses_by_the_models_probabilities_of_the_options(options: list[str], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A judge on a vLLM engine: a greedy reply constrained to the options, with vLLM's top logprobs per token; the
+    choice carries the model's probabilities of the options (the fake's known distribution), so it always decides."""
+    import sys
+
+    monkeypatch.setenv("UNIFIT_FAKE_VLLM_LOG", str(tmp_path))
+    for name in ("vllm", "vllm.sampling_params"):
+        monkeypatch.setitem(sys.modules, name, None)  # restored (removed) after the test
+    fake_vllm.install()
+    model = VLLMChatModel("/models/m7b", BackendConfig(name="vllm"), 4096, False, "m7b")
+    choices = model.choose(CONVERSATIONS, options)
+    for conversation, choice in zip(CONVERSATIONS, choices):
+        expected = fake_vllm.option_probs(conversation, options)
+        assert choice.probs == pytest.approx(tuple(expected), abs=1e-9)
+        assert choice.index == max(range(len(options)), key=lambda i: expected[i])
+    assert len({choice.index for choice in choices}) > 1  # the five conversations do not all get the same verdict
+    sampling = model.llm.last_sampling
+    assert sampling.temperature == 0.0 and sampling.logprobs == 20 and sampling.structured_outputs.choice == options
 
 
 def test_engine_and_sampling_settings_match_vllm() -> None:

@@ -189,7 +189,9 @@ def test_judge_setup_flags_self_judging_as_smoke_test() -> None:
 
 def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_dir: Path) -> None:
     """No scripted parts: tiny random models answer and judge through the stage's own clients (Ray actors); each
-    model is loaded once per actor for all of its calls (questions, answers, 3 orderings, diversity)."""
+    model is loaded at most once per actor for all of its calls (questions, answers, 3 orderings, diversity, IFEval),
+    though three models of two actors each do not fit on the 2 CPUs at a full CPU per actor, and every call of
+    three or more conversations wants both actors of its model (batches of two)."""
     import shutil
 
     from conftest import tiny_model_config
@@ -201,13 +203,14 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     tiny = tiny_model_config("llama")
     shutil.rmtree(run_dir / "finetune" / "pithy_ne" / "model")
     shutil.copytree(resolve_model_dir(tiny_model_config("qwen2"), cache_dir), run_dir / "finetune" / "pithy_ne" / "model")
+    shutil.copytree(resolve_model_dir(tiny_model_config("qwen2"), cache_dir), run_dir / "finetune" / "all" / "model")
     cfg = UnifitConfig(run_dir=str(run_dir), model=tiny, cache_dir=str(cache_dir),
-                       backend=BackendConfig(max_new_tokens=12, batch_size=4, cache=False, temperature=0.7),
+                       backend=BackendConfig(max_new_tokens=12, batch_size=2, cache=False, temperature=0.7),
                        cluster=ClusterConfig(generation_actors=2),
-                       variants=[VariantConfig("pithy_ne", "pithy", True)],
+                       variants=[VariantConfig("pithy_ne", "pithy", True), VariantConfig("all", "all", False)],
                        evaluate=EvaluateConfig(num_test_questions=2, bootstrap_samples=50, diversity_draws=1,
                                                diversity_sample_size=2, answer_max_new_tokens=8, judge_max_new_tokens=8,
-                                               judge_max_retries=1, question_max_rounds=3, ifeval_prompts=2, ifeval_max_new_tokens=8))
+                                               judge_max_retries=1, question_max_rounds=3, ifeval_prompts=3, ifeval_max_new_tokens=8))
     ctx = recording_context(cfg, run_dir, "evaluate")
     metrics = evaluation_stage.run(ctx)
     for pool in ctx.clients.pools.values():
@@ -216,20 +219,22 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     assert_fingerprinted_reads(ctx)
     judged = json.loads((run_dir / "evaluate" / "judge.json").read_text())
     n = metrics["test_questions"]
-    assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne"]
+    assert 1 <= n <= 2 and judged["models"] == ["native", "pithy_ne", "all"]
     # a random model never writes [[i]], but it chooses by probability: every ordering gets a verdict
     assert judged["method"] == "probability" and judged["parse_failures"] == 0 and judged["retries"] == 0
-    assert all(v in (1, 2) for r in judged["records"] for v in r["verdicts"]) and 0.5 <= judged["decisiveness"] <= 1.0
-    assert all((r["winner"] is None) == (len(set(r["votes"])) == len(r["votes"])) for r in judged["records"])  # k=2: a tie needs 3 distinct
+    assert all(v in (1, 2, 3) for r in judged["records"] for v in r["verdicts"]) and 1 / 3 <= judged["decisiveness"] <= 1.0
+    assert all((r["winner"] is None) == (len(set(r["votes"])) == len(r["votes"])) for r in judged["records"])  # 3 orderings: a tie needs 3 distinct
     assert "smoke test" in judged["smoke_test_caveat"]
     answers = read_parquet(run_dir / "evaluate" / "answers.parquet")
-    assert len(answers) == 2 * n and all(a["finish_reason"] in ("stop", "length") for a in answers)
+    assert len(answers) == 3 * n and all(a["finish_reason"] in ("stop", "length") for a in answers)
     assert all(a["answer"] for a in answers)
     diversity = json.loads((run_dir / "evaluate" / "diversity.json").read_text())
     assert diversity["method"] == "probability"
     assert diversity["sources"]["unifit"]["failures"] == 0 and diversity["sources"]["self_instruct"]["failures"] == 0
     assert all(1 <= v <= 10 for source in diversity["sources"].values() for v in source["mean"].values())
-    assert set(json.loads((run_dir / "evaluate" / "ifeval.json").read_text())["models"]) == {"native", "pithy_ne"}
-    # two models (the judge is the native model: one shared pool) over at most 2 actors each, whatever the calls
-    assert serving["models_served"] == 2 and serving["model_calls"] >= 6
-    assert 2 <= serving["model_loads"] <= 2 * 2 and serving["engine_starts"] == 0
+    assert set(json.loads((run_dir / "evaluate" / "ifeval.json").read_text())["models"]) == {"native", "pithy_ne", "all"}
+    # three models (the judge is the native model: one shared pool), at most 2 actors each, whatever the calls:
+    # the judge's pool, first used for the questions and last for the verdicts, was never released in between
+    assert serving["models_served"] == 3 and serving["model_calls"] >= 9
+    assert [pool.stats.loads for pool in ctx.clients.pools.values()] == [2, 2, 2]
+    assert serving["model_loads"] == 2 * 3 and serving["engine_starts"] == 0

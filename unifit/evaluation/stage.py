@@ -150,15 +150,17 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     instances = read_parquet(ctx.input("instances"))
     test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
 
-    questions, question_counts = _test_questions(ctx, judge_client, instances)
-    metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
-    ctx.log_metrics(metrics)
-
+    # every model is connected before the first call: the stage's pools are sized together and never evict each other
     models, missing = compared_models(ctx)
     given = dict(answerers or {})
     backend = answer_backend(cfg)
     clients = {name: as_client(given[name]) if name in given else ctx.connect(model, backend, f"answers {model.name}")
                for name, model in models.items()}
+
+    questions, question_counts = _test_questions(ctx, judge_client, instances)
+    metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
+    ctx.log_metrics(metrics)
+
     answers = collect_answers(questions, clients, answer_params(cfg), out / "answers.parquet")
     metrics.update(compared_models=len(models), missing_models=len(missing))
     metrics.update(_win_metrics("", _judge(cfg, out / "judge.json", questions, answers, judge_client, missing, caveat)))

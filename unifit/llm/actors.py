@@ -96,7 +96,7 @@ class ActorPool:
 
     `resources` are each actor's Ray options (num_cpus, num_gpus); `bundles`, when given, a placement group each
     actor reserves (a tensor-parallel vLLM engine). `make_room(pool, wanted)` is asked before actors start and
-    returns how many may start now (the owner may release other idle pools to make room).
+    returns how many may start now (the owner may shrink `max_actors` or the CPU request to share the cluster).
     """
 
     def __init__(self, build: Callable[[], Any], backend_class: type, max_actors: int, resources: dict[str, float],
@@ -111,6 +111,7 @@ class ActorPool:
         self.stats = PoolStats()
         self.actors: list[_Actor] = []
         self.last_used = 0.0  # time.time() of the last call: the least recently used idle pool is released first
+        self.configured = self.per_actor()  # before an owner scales the CPU request down to share the cluster
 
     def per_actor(self) -> dict[str, float]:
         """Cluster resources one actor takes (its own, or its placement group's)."""
@@ -145,8 +146,9 @@ class ActorPool:
 
     def _grow(self, wanted: int) -> None:
         missing = min(wanted, self.max_actors) - len(self.actors)
-        if missing > 0:
-            self._start(self.make_room(self, missing) if self.make_room else missing)
+        count = self.make_room(self, missing) if missing > 0 and self.make_room else missing
+        if count > 0:
+            self._start(count)
 
     def _record_ready(self, actor: _Actor) -> None:
         import ray

@@ -1,8 +1,8 @@
 """Choosing among fixed options by the model's own probabilities, so a local judge always returns a verdict.
 
 Three sources of probabilities, one normalisation (`choice_from_logprobs`):
-- local weights (hf): the total log-probability of each option's tokens after the prompt, all options
-  batched into one forward pass (`score_continuations`);
+- local weights (hf): the total log-probability of each option's tokens after the prompt, the prompt run
+  once and the options batched on copies of its cache (`score_continuations`);
 - OpenAI-compatible servers (OpenAI, `vllm serve`): the `top_logprobs` of the token where the reply
   commits to an option (`choice_from_token_logprobs`);
 - vLLM engines: the same, from vLLM's per-token logprob dicts (`choice_from_vllm_logprobs`).
@@ -11,6 +11,7 @@ Free text is the last resort (`choice_from_text`), for endpoints that return no 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -37,24 +38,40 @@ def needs_terminator(options: Sequence[str]) -> bool:
 
 
 def score_continuations(model: Any, prompt_ids: Sequence[int], options_ids: Sequence[Sequence[int]], pad_id: int) -> list[float]:
-    """Total log-probability of each option's tokens after the prompt, in ONE forward pass over k right-padded rows.
+    """Total log-probability of each option's tokens after the prompt: the prompt runs once, the k options then run
+    together as right-padded rows on k copies of its key/value cache.
 
-    `model(input_ids=, attention_mask=, logits_to_keep=)` returns `.logits` for the last `logits_to_keep`
-    positions (the transformers causal-LM contract), so the vocabulary projection runs only where options are.
+    A judge prompt is hundreds of tokens and an option a few, so this costs one prompt instead of k (a 10-way
+    score: a tenth of the compute). `model(input_ids=, attention_mask=, cache=, use_cache=, logits_to_keep=)` is
+    the transformers causal-LM contract: `.logits` for the last `logits_to_keep` positions and `.cache` a cache
+    with `batch_repeat_interleave`.
     """
     import torch
 
+    if not prompt_ids:
+        raise ValueError("the prompt needs at least one token")
     if not options_ids or any(len(ids) == 0 for ids in options_ids):
         raise ValueError("every option needs at least one token")
-    width = max(len(ids) for ids in options_ids)
-    rows = [list(prompt_ids) + list(ids) + [pad_id] * (width - len(ids)) for ids in options_ids]
-    mask = [[1] * (len(prompt_ids) + len(ids)) + [0] * (width - len(ids)) for ids in options_ids]
+    k, width = len(options_ids), max(len(ids) for ids in options_ids)
     device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    input_ids = torch.tensor(rows, device=device)
+    # the rows start with the prompt's last token, whose logits predict each option's first token
+    head, last = list(prompt_ids[:-1]), prompt_ids[-1]
+    rows = [[last] + list(ids) + [pad_id] * (width - len(ids)) for ids in options_ids]
+    mask = [[1] * (len(head) + 1 + len(ids)) + [0] * (width - len(ids)) for ids in options_ids]
+    # transformers 5.24 renamed `past_key_values` to `cache` (argument and output); earlier releases take the old name
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device), logits_to_keep=width + 1).logits
-    # logits[:, j] predicts the token at position len(prompt) + j (the kept window starts one before the options)
-    logprobs = torch.log_softmax(logits[:, -(width + 1):-1].float(), dim=-1)
+        cached: dict[str, Any] = {}
+        if head:
+            head_mask = torch.ones(1, len(head), dtype=torch.long, device=device)
+            output = model(input_ids=torch.tensor([head], device=device), attention_mask=head_mask, use_cache=True, logits_to_keep=1)
+            cache = getattr(output, cache_name)
+            cache.batch_repeat_interleave(k)
+            cached = {cache_name: cache, "use_cache": True}
+        logits = model(input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
+                       logits_to_keep=width + 1, **cached).logits
+    # logits[:, j] predicts the token at position len(prompt) + j
+    logprobs = torch.log_softmax(logits[:, :width].float(), dim=-1)
     totals = []
     for row, ids in enumerate(options_ids):
         picked = logprobs[row, torch.arange(len(ids), device=device), torch.tensor(list(ids), device=device)]

@@ -11,9 +11,9 @@ whatever the number of actors. Behind the client:
 - openai: the HTTP client in this process (`backend.batch_size` concurrent requests).
 
 Roles that use the same model and serving settings share one pool. Actors start on first use, serve every
-later call of the stage and are released when the stage ends (`close`); if a new pool does not fit on the
-cluster, idle pools of other models are released first. Loads, start-up and time in model calls are counted
-for the stage's metrics.
+later call of the stage and are released when the stage ends (`close`). The stage's pools share the cluster
+(`ModelClients.make_room`) instead of evicting one another, so each model loads at most once per actor per
+stage whatever the number of calls. Loads, start-up and time in model calls are counted for the stage's metrics.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def served_name(model_cfg: ModelConfig, backend: BackendConfig) -> str:
     return backend.api_model if backend.name == "openai" and backend.api_model else model_cfg.name
 
 
-def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str, model_dir: str = "") -> Any:
-    """The backend object that answers calls, built where it runs (a Ray actor, or this process for openai)."""
+def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str, model_dir: str = "", cpu_threads: int = 0) -> Any:
+    """The backend object that answers calls, built where it runs (a Ray actor, or this process for openai);
+    `cpu_threads`: the torch threads of an hf model on CPU (its actor's cores)."""
     if backend.name == "openai":
         from unifit.llm.openai import OpenAIChatModel
 
@@ -65,13 +66,13 @@ def build_backend(backend: BackendConfig, model_cfg: ModelConfig, cache_dir: str
         return VLLMChatModel(model_dir, backend, model_cfg.max_length, model_cfg.trust_remote_code, model_cfg.name)
     from unifit.llm.hf import HFChatModel
 
-    return HFChatModel(model_cfg, cache_dir, batch_size=backend.batch_size)
+    return HFChatModel(model_cfg, cache_dir, batch_size=backend.batch_size, cpu_threads=cpu_threads)
 
 
 def offers_choice(backend: BackendConfig) -> bool:
-    """Whether the backend can choose among options by probability: local hf weights always; an OpenAI-compatible
-    endpoint when it returns logprobs or takes vLLM's guided_choice; the vLLM engine actor not yet (free text)."""
-    return backend.name == "hf" or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
+    """Whether the backend can choose among options by probability: local weights (hf, vLLM engines) always; an
+    OpenAI-compatible endpoint when it returns logprobs or takes vLLM's guided_choice."""
+    return backend.name in ("hf", "vllm") or (backend.name == "openai" and (backend.logprobs or backend.guided_choice))
 
 
 def backend_class(name: str) -> type:
@@ -181,24 +182,57 @@ class ModelClients:
         return _LazyActorPool(self, model_cfg, backend)
 
     def make_room(self, pool: ActorPool, wanted: int) -> int:
-        """How many of `wanted` new actors of `pool` to start: what the cluster has left after this stage's pools,
-        releasing idle pools of other models (least recently used first) when that is not enough; at least one."""
+        """How many of `wanted` new actors `pool` may start now.
+
+        The stage's pools share the cluster rather than evict one another: an evicted pool loads its model again
+        on its next call, so a stage that alternates models (answers, judge, answers) would load each model many
+        times. On a pool's first start its share is fixed from the pools connected so far:
+        - CPU-only actors: every pool keeps up to `max_actors`; when they do not all fit, each actor's CPU request
+          is scaled down so that together they do. The stage calls one model at a time, so the actors of idle
+          pools hold memory, not cores, and a call still spreads over all the cores.
+        - GPU actors (hf on GPU, vLLM engines): an equal share of the GPU slots, at least one per pool.
+        Only a pool that still does not fit (more GPU models than GPUs, or a pool connected after the others
+        started) releases idle pools, least recently used first; such reloads show in `model_loads`.
+        """
         import ray
 
         total = ray.cluster_resources()
+        if not pool.live_actors:
+            self._fix_share(pool, total)
+        wanted = min(wanted, pool.max_actors - pool.live_actors)
+        if wanted <= 0:
+            return 0
         need = pool.per_actor()
 
         def fitting() -> float:
             free = {key: total.get(key, 0.0) - sum(p.held().get(key, 0.0) for p in self.pools.values()) for key in need}
             return min((free[key] // value for key, value in need.items() if value > 0), default=float("inf"))
 
-        others = sorted((p for p in self.pools.values() if p is not pool and p.live_actors),
-                        key=lambda p: p.last_used)
-        while fitting() < wanted and others:
+        others = sorted((p for p in self.pools.values() if p is not pool and p.live_actors), key=lambda p: p.last_used)
+        while fitting() < 1 and others:
             released = others.pop(0)
-            log.info("releasing %d idle %s actor(s) to make room", released.live_actors, released.backend_class.__name__)
+            log.warning("releasing %d idle %s actor(s) to make room: its model will load again if it is called again",
+                        released.live_actors, released.backend_class.__name__)
             released.close()
         return int(max(1, min(wanted, fitting())))
+
+    def _fix_share(self, pool: ActorPool, total: dict[str, float]) -> None:
+        """Size `pool` (actors, CPU request per actor) so that it and the stage's other actor pools fit together."""
+        pools = [p for p in self.pools.values() if isinstance(p, ActorPool)]
+        need = pool.per_actor()
+        if need["GPU"] > 0:
+            slots = total.get("GPU", 0.0) // need["GPU"]
+            gpu_pools = sum(1 for p in pools if p.per_actor()["GPU"] > 0)
+            pool.max_actors = min(pool.max_actors, max(1, int(slots // max(1, gpu_pools))))
+            return
+        if need["CPU"] <= 0:
+            return
+        cpu_pools = [p for p in pools if p.per_actor()["GPU"] == 0]
+        wanted_cpus = sum(p.configured["CPU"] * p.max_actors for p in cpu_pools)
+        if wanted_cpus > total.get("CPU", 0.0) > 0:
+            pool.resources = {**pool.resources, "num_cpus": pool.configured["CPU"] * total["CPU"] / wanted_cpus}
+            log.info("%d model pools share %g CPUs: each %s actor requests %.2f CPU", len(cpu_pools), total["CPU"],
+                     pool.backend_class.__name__, pool.resources["num_cpus"])
 
     def metrics(self) -> dict[str, Any]:
         """The stage's serving counts: models loaded / engines started (each actor counts), seconds, calls, cache hits."""
@@ -234,7 +268,9 @@ class _LazyActorPool(ActorPool):
             from unifit.llm.vllm import engine_resources
 
             resources, bundles = engine_resources(backend, owner.cluster)
-        super().__init__(functools.partial(build_backend, backend, model_cfg, owner.cache_dir), backend_class(backend.name),
+        threads = max(1, int(owner.cluster.cpus_per_actor))
+        super().__init__(functools.partial(build_backend, backend, model_cfg, owner.cache_dir, cpu_threads=threads),
+                         backend_class(backend.name),
                          owner.cluster.generation_actors, resources, bundles, owner.make_room)
         self.owner = owner
         self.model_cfg = model_cfg

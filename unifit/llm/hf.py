@@ -16,7 +16,10 @@ log = logging.getLogger(__name__)
 class HFChatModel:
     """One model in this process (a Ray actor behind a model client). Batches are left-padded so every prompt ends where generation starts."""
 
-    def __init__(self, model_cfg: ModelConfig, cache_dir: str | Path, batch_size: int = 8, device: str | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, cache_dir: str | Path, batch_size: int = 8, device: str | None = None,
+                 cpu_threads: int = 0) -> None:
+        """`cpu_threads`: torch threads on CPU (the actor's cores), so actors sharing a machine do not oversubscribe
+        it whatever OMP_NUM_THREADS the environment carries; 0 leaves torch's default."""
         import torch
 
         from unifit.models import cpu_has_fast_bf16, load_model, load_tokenizer
@@ -24,8 +27,10 @@ class HFChatModel:
         self.name = model_cfg.name
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
         if self.device == "cpu" and model_cfg.dtype == "bfloat16" and not cpu_has_fast_bf16():
-            log.warning("model.dtype=bfloat16, but oneDNN has no bf16 kernels for this CPU (it needs AVX-512 or Arm BF16): "
+            log.warning("model.dtype=bfloat16, but this CPU has no native bf16 arithmetic (avx512_bf16, amx_bf16 or Arm bf16): "
                         "%s generates in float32, which is faster here", model_cfg.name)
             model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         self.tokenizer = load_tokenizer(model_cfg, cache_dir)

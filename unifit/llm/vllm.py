@@ -2,15 +2,19 @@
 
 Written against vLLM's offline API (installed by the `[gpu]` extra; its wheels are CUDA-only):
 `LLM(model=..., tensor_parallel_size=..., ...)`, `LLM.chat(conversations, SamplingParams)` applying the
-model's own chat template, request outputs with `.outputs[0].text`, `.finish_reason` and `.token_ids`.
+model's own chat template, request outputs with `.outputs[0].text`, `.finish_reason`, `.token_ids` and, with
+`SamplingParams(logprobs=k)`, `.logprobs` (per generated token, token id -> `Logprob(logprob, rank, decoded_token)`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from unifit.config import BackendConfig, ClusterConfig
-from unifit.llm.base import Completion, Conversation, GenerationParams
+from unifit.llm.base import Choice, Completion, Conversation, GenerationParams
+
+CHOICE_LOGPROBS = 20  # top log-probabilities per generated token: vLLM's default cap (`max_logprobs`)
+CHOICE_MAX_TOKENS = 16  # an option (a verdict "[[2]]", a score "7") is a few tokens
 
 
 def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
@@ -19,14 +23,15 @@ def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
             "repetition_penalty": params.repetition_penalty, "seed": params.seed}
 
 
-def json_constraint(vllm_module: Any) -> dict[str, Any]:
-    """Structured JSON output: `structured_outputs` in recent vLLM, `guided_decoding` in releases before it."""
+def structured_constraint(vllm_module: Any, **constraint: Any) -> dict[str, Any]:
+    """Structured output (`json_object=True`, `choice=[...]`): `structured_outputs` in recent vLLM,
+    `guided_decoding` in releases before it."""
     from importlib import import_module
 
     sampling = import_module(f"{vllm_module.__name__}.sampling_params")
     if hasattr(sampling, "StructuredOutputsParams"):
-        return {"structured_outputs": sampling.StructuredOutputsParams(json_object=True)}
-    return {"guided_decoding": sampling.GuidedDecodingParams(json_object=True)}
+        return {"structured_outputs": sampling.StructuredOutputsParams(**constraint)}
+    return {"guided_decoding": sampling.GuidedDecodingParams(**constraint)}
 
 
 def engine_kwargs(backend: BackendConfig, max_model_len: int, trust_remote_code: bool) -> dict[str, Any]:
@@ -72,7 +77,7 @@ class VLLMChatModel:
         self.llm = vllm.LLM(model=model_dir, **engine_kwargs(backend, max_model_len, trust_remote_code))
 
     def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        extra = json_constraint(self._vllm) if params.json_mode else {}
+        extra = structured_constraint(self._vllm, json_object=True) if params.json_mode else {}
         sampling = self._vllm.SamplingParams(**sampling_kwargs(params), **extra)
         outputs = self.llm.chat([list(c) for c in conversations], sampling, use_tqdm=False)
         if len(outputs) != len(conversations):
@@ -82,3 +87,23 @@ class VLLMChatModel:
             best = output.outputs[0]
             completions.append(Completion(best.text, finish_reason(best.finish_reason), len(best.token_ids)))
         return completions
+
+    def choose(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[Optional[Choice]]:
+        """Pick one option per conversation by the model's probabilities: a greedy reply constrained to the options
+        (structured-output `choice`), with the top log-probabilities of every generated token; the options'
+        probabilities are read at the token where the reply commits to one (the mass of each option's token
+        there, renormalised over the options). A reply whose commit token lists no option falls back to the
+        option its text is (one-hot); None only where neither gives one."""
+        from unifit.llm.choice import choice_from_text, choice_from_vllm_logprobs
+
+        sampling = self._vllm.SamplingParams(max_tokens=CHOICE_MAX_TOKENS, temperature=0.0, logprobs=CHOICE_LOGPROBS,
+                                             **structured_constraint(self._vllm, choice=list(options)))
+        outputs = self.llm.chat([list(c) for c in conversations], sampling, use_tqdm=False)
+        if len(outputs) != len(conversations):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(conversations)} conversations")
+        choices = []
+        for output in outputs:
+            best = output.outputs[0]
+            choice = choice_from_vllm_logprobs(best.token_ids, best.logprobs, options) if best.logprobs else None
+            choices.append(choice or choice_from_text(best.text, options))
+        return choices
