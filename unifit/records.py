@@ -7,9 +7,9 @@ An instance is one chat conversation with its place in the concept tree. Writes 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,7 +43,9 @@ class Instance:
             self.id = instance_id(self.messages)
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The parquet row; shares the message dicts (no deep copy: pyarrow only reads them)."""
+        return {"messages": self.messages, "leaf_id": self.leaf_id, "concept_path": self.concept_path, "source": self.source,
+                "generator": self.generator, "id": self.id}
 
 
 def instance_id(messages: list[dict[str, str]]) -> str:
@@ -60,6 +62,13 @@ def write_parquet(rows: list[dict[str, Any]], path: str | Path, schema: pa.Schem
         table = schema.empty_table()
     else:
         raise ValueError(f"{path}: cannot write an empty table without a schema")
+    return write_table(table, path)
+
+
+def write_table(table: pa.Table, path: str | Path) -> Path:
+    """Write an Arrow table atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -86,6 +95,26 @@ def read_column(files: Iterable[str | Path], column: str) -> list[Any]:
     for file in files:
         values.extend(pq.read_table(file, columns=[column]).column(column).to_pylist())
     return values
+
+
+def write_rows_by_id(files: Iterable[str | Path], ids: Sequence[str], path: str | Path) -> Path:
+    """Write the rows of `files` whose id is in `ids`, in the order of `ids`: filtered as Arrow file by file, so only
+    the taken rows are ever held (never the whole data set, nor any of it as Python objects)."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(ids, type=pa.string())
+    parts, schema = [], None
+    for file in files:
+        table = pq.read_table(file)
+        schema = schema or table.schema
+        parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
+    if schema is None:
+        raise ValueError(f"{path}: no files to take rows from")
+    taken = pa.concat_tables(parts) if parts else schema.empty_table()
+    if taken.num_rows != len(ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: {len(ids)} ids asked for, {taken.num_rows} rows found: ids must be unique and present "
+                         f"in the files")
+    return write_table(taken.take(pc.sort_indices(pc.index_in(taken.column("id"), value_set=wanted))), path)
 
 
 def count_rows(files: Iterable[str | Path]) -> int:

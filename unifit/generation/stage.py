@@ -18,13 +18,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from unifit.config import UnifitConfig
 from unifit.generation.dedup import NearDuplicateIndex, first_question
 from unifit.generation.instances import generate_leaf_instances
 from unifit.generation.self_instruct import run_self_instruct
 from unifit.generation.tree import Tree, build_tree, draw_tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
-from unifit.records import read_parquet, write_instances
+from unifit.records import write_instances, write_table
 from unifit.stage import StageContext, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -86,11 +89,12 @@ def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counte
             stale.unlink()
     counts: Counter[str] = Counter()
     for shard in tqdm(raw_shards, desc="dedup", unit="shard"):
-        rows = read_parquet(shard)
-        kept = [row for row in rows if index.add(row["id"], first_question(row["messages"]))]
-        counts["near_duplicates"] += len(rows) - len(kept)
-        counts["kept"] += len(kept)
-        write_instances(kept, out / shard.name)
+        table = pq.read_table(shard)  # filtered as Arrow: only ids and messages become Python objects, one shard at a time
+        keep = [index.add(key, first_question(messages))
+                for key, messages in zip(table.column("id").to_pylist(), table.column("messages").to_pylist())]
+        counts["near_duplicates"] += keep.count(False)
+        counts["kept"] += keep.count(True)
+        write_table(table.filter(pa.array(keep, type=pa.bool_())), out / shard.name)
     return counts
 
 
