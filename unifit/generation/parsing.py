@@ -8,6 +8,7 @@ slip costs nothing, and a reply that matches none returns None (the caller re-as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import unicodedata
@@ -199,6 +200,7 @@ def is_refusal(text: str) -> bool:
     return any(pattern in opening for pattern in REFUSAL_PATTERNS)
 
 
+@functools.lru_cache(maxsize=65536)
 def _script(char: str) -> str:
     """The writing system of a letter, from its Unicode name: LATIN, CYRILLIC, CJK, ARABIC, HANGUL, ..."""
     return unicodedata.name(char, "?").split(" ")[0]
@@ -211,11 +213,14 @@ def foreign_script(text: str, reference: str) -> bool:
     without a language model; another language in the same script (German for English) is not caught.
     The first 2,000 characters decide, so a long answer costs no more than a short one.
     """
-    scripts = Counter(_script(c) for c in text[:2000] if c.isalpha())
+    scripts: Counter[str] = Counter()
+    for char, count in Counter(text[:2000]).items():  # distinct characters in order of first appearance, counted in C
+        if char.isalpha():
+            scripts[_script(char)] += count
     if not scripts:
         return False
     dominant, count = scripts.most_common(1)[0]
-    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in reference)
+    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in set(reference))
 
 
 def drop_last(items: list[T], text: str) -> list[T]:

@@ -84,7 +84,7 @@ class NoveltyFilter:
             kept, kept_counts = self._tokens[key]
             if not tokens or not kept:
                 continue  # ROUGE-L of an empty token list is 0
-            shared = sum((counts & kept_counts).values())
+            shared = sum(min(count, kept_counts[token]) for token, count in counts.items() if token in kept_counts)
             if 2 * shared / (len(tokens) + len(kept)) <= self.threshold - 1e-9:
                 continue  # cannot exceed the threshold (the margin covers F1's other rounding)
             if _score_lcs(kept, tokens).fmeasure > self.threshold:
