@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,6 +115,22 @@ def write_rows_by_id(files: Iterable[str | Path], ids: Sequence[str], path: str 
         raise ValueError(f"{path}: {len(ids)} ids asked for, {taken.num_rows} rows found: ids must be unique and present "
                          f"in the files")
     return write_table(taken.take(pc.sort_indices(pc.index_in(taken.column("id"), value_set=wanted))), path)
+
+
+def user_turns(files: Iterable[str | Path]) -> Iterator[tuple[int, str]]:
+    """(row number, text) of every user turn of the instances in `files`, in order, one file at a time: only the
+    user turns become Python strings, never the answers."""
+    import pyarrow.compute as pc
+
+    first_row = 0
+    for file in files:
+        messages = pq.read_table(file, columns=["messages"]).column("messages").combine_chunks()
+        turns = messages.flatten()
+        is_user = pc.equal(turns.field("role"), "user")
+        rows = pc.filter(pc.list_parent_indices(messages), is_user).to_pylist()
+        texts = pc.filter(turns.field("content"), is_user).to_pylist()
+        yield from ((first_row + row, text) for row, text in zip(rows, texts))
+        first_row += len(messages)
 
 
 def count_rows(files: Iterable[str | Path]) -> int:

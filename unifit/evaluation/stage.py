@@ -20,11 +20,10 @@ from unifit.evaluation.diversity import DIMENSIONS, diversity
 from unifit.evaluation.judge import win_rates
 from unifit.evaluation.questions import QUESTION_SCHEMA, generate_test_questions, training_index
 from unifit.evaluation.test_sets import load_test_set
-from unifit.generation.dedup import first_question
 from unifit.generation.tree import Node, Tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.llm.client import served_name
-from unifit.records import read_parquet, write_parquet
+from unifit.records import parquet_files, read_column, read_parquet, user_turns, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -56,30 +55,43 @@ def answer_backend(cfg: UnifitConfig) -> BackendConfig:
     return cfg.backend
 
 
-def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node]:
+def load_leaves(ctx: StageContext, instance_files: list[Path]) -> list[Node]:
     """Leaves of generate/tree.json; for imported data (no tree) the instances' distinct concept paths."""
     tree_path = ctx.stage_dir("generate") / "tree.json"
     if tree_path.exists():
         return Tree.from_json(read_json(tree_path)).leaves()
-    paths = {tuple(row["concept_path"]) for row in instances if row.get("concept_path")}
+    paths = {tuple(path) for file in instance_files for path in read_column([file], "concept_path") if path}
     if not paths:
         raise UserError(f"{tree_path} is missing and the training instances carry no concept_path: there is nothing to "
                         f"ask test questions about; run the generate stage (stages=[generate,...])")
     return [Node(path[-1], list(path), None) for path in sorted(paths)]
 
 
-def _test_questions(ctx: StageContext, judge: ChatClient, instances: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _questions_asked(instance_files: list[Path]) -> tuple[list[str], list[str]]:
+    """Every user turn of the training instances (test questions must not near-duplicate one) and each instance's
+    first question (the diversity judge's sample), without reading the answers into Python."""
+    texts: list[str] = []
+    first: list[str] = []
+    previous_row = -1
+    for row, text in user_turns(instance_files):
+        texts.append(text)
+        if row != previous_row:
+            first.append(text)
+            previous_row = row
+    return texts, first
+
+
+def _test_questions(ctx: StageContext, judge: ChatClient, instance_files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     cfg = ctx.cfg
     path = ctx.out_dir / "test_questions.parquet"
     if path.exists():
         return read_parquet(path), {}
-    texts = [m["content"] for row in instances for m in row["messages"] if m["role"] == "user"]
-    index = training_index(texts, cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
+    index = training_index(_questions_asked(instance_files)[0], cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
     _, backend, _ = judge_setup(cfg)
     params = GenerationParams(max_new_tokens=cfg.evaluate.question_max_new_tokens, temperature=backend.temperature, top_p=backend.top_p,
                               repetition_penalty=backend.repetition_penalty, seed=cfg.seed)
     rows, counts = generate_test_questions(
-        judge, load_leaves(ctx, instances), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
+        judge, load_leaves(ctx, instance_files), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
         prompt=cfg.evaluate.question_prompt, params=params, seed=cfg.seed, max_rounds=cfg.evaluate.question_max_rounds)
     if len(rows) < cfg.evaluate.num_test_questions:
         log.warning("only %d of %d test questions after %d rounds (%s); raise evaluate.question_max_rounds for more",
@@ -150,10 +162,10 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     instances_dir = ctx.stage_dir("generate") / "instances"
     if not instances_dir.exists():
         raise UserError(f"{instances_dir} is missing: the evaluate stage needs the generate stage's instances")
-    instances = read_parquet(instances_dir)
+    instance_files = parquet_files(instances_dir)
     test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
 
-    questions, question_counts = _test_questions(ctx, judge_client, instances)
+    questions, question_counts = _test_questions(ctx, judge_client, instance_files)
     metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
     ctx.log_metrics(metrics)
 
@@ -178,10 +190,10 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     if diversity_path.exists():
         scored = read_json(diversity_path)
     else:
-        sources = {"unifit": [first_question(row["messages"]) for row in instances]}
+        sources = {"unifit": _questions_asked(instance_files)[1]}
         self_instruct = ctx.stage_dir("generate") / "self_instruct"
         if self_instruct.exists():
-            sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
+            sources["self_instruct"] = _questions_asked(parquet_files(self_instruct))[1]
         params = GenerationParams(max_new_tokens=cfg.evaluate.diversity_max_new_tokens, temperature=0.0, repetition_penalty=judge_backend.repetition_penalty,
                                   seed=cfg.seed, json_mode=judge_backend.name != "hf")
         scored = diversity(judge_client, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,
