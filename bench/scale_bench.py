@@ -8,8 +8,11 @@ the stand-in too, IFD scoring and training on `model=random_1x16` (1 layer, 16 w
 the model's compute negligible), training capped at `--train-steps`. Per stage it prints wall time, the
 driver's peak RSS, the largest Ray worker's peak RSS, the object store's peak (shared memory the raylet has
 touched), model loads (when the stage reports them), time inside model calls (the stand-in busy) and
-outside them; then the pipeline's own time per 1,000 instances against what one GPU would spend decoding
-those instances' tokens at `--gpu-tokens-per-s`. A rerun with the same `--out` resumes: finished stages are
+outside them, and CPU seconds: the driver's, the driver's with every process it reaped (its Ray processes),
+and the stand-in's; then the pipeline's own cost per 1,000 instances (wall time outside model calls, and
+its processes' CPU time, which a machine shared with other jobs does not inflate) against what one GPU would
+spend decoding those instances' tokens at `--gpu-tokens-per-s`. Each stage's output is in
+<run dir>/bench-<stage>.log. A rerun with the same `--out` resumes: finished stages are
 skipped by the pipeline (their numbers are then those of the run that computed them).
 """
 
