@@ -7,7 +7,7 @@ server (tests/standin_server.py, a separate process): generation through the `op
 the stand-in too, IFD scoring and training on `model=random_1x16` (1 layer, 16 wide: the data path is real,
 the model's compute negligible), training capped at `--train-steps`. Per stage it prints wall time, the
 driver's peak RSS, the largest Ray worker's peak RSS, the object store's peak (shared memory the raylet has
-touched), model loads (when the stage reports them), time inside model calls (the stand-in busy) and
+touched), model loads (hf models, vLLM engines and IFD scorers the stage reports; training's are not counted), time inside model calls (the stand-in busy) and
 outside them, and CPU seconds: the driver's, the driver's with every process it reaped (its Ray processes),
 and the stand-in's; then the pipeline's own cost per 1,000 instances (wall time outside model calls, and
 its processes' CPU time, which a machine shared with other jobs does not inflate) against what one GPU would
@@ -165,7 +165,8 @@ def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env
         raise SystemExit(f"stage {stage} failed (exit {process.returncode}):\n{log_path.read_text()[-4000:]}")
     after = server_metrics(url)
     manifest = json.loads((run_dir / stage / "manifest.json").read_text())
-    loads = manifest["metrics"].get("model_loads")
+    counted = [manifest["metrics"][key] for key in ("model_loads", "engine_starts", "scorer_loads") if key in manifest["metrics"]]
+    loads = sum(counted) if counted else None  # hf models and vLLM engines behind the clients, IFD scorers
     return StageResult(stage, wall, manifest.get("seconds"), watcher.driver / 2**20, watcher.worker / 2**20,
                        watcher.store / 2**20, loads, after["busy"] - before["busy"], int(after["tokens"] - before["tokens"]),
                        watcher.driver_cpu, usage.ru_utime + usage.ru_stime, cpu_seconds(server_pid) - server_before)

@@ -102,8 +102,9 @@ def test_stand_in_pipeline_streams_and_resumes_without_losing_an_instance(tmp_pa
             resumed = tmp_path / "resumed"
             shutil.copytree(reference, resumed, symlinks=True)
             raw = interrupt(resumed, "generate", "raw")
-            for stale in [*(resumed / "generate" / "instances").glob("*.parquet"), *(resumed / "select").glob("*.parquet")]:
+            for stale in (resumed / "generate" / "instances").glob("*.parquet"):
                 stale.unlink()
+            shutil.rmtree(resumed / "select")  # selected again from the resumed scores
             score_shards = interrupt(resumed, "score", "scores")
             result = launch(resumed, server.url, key, ray_tmp, "stages=[generate,score,select]")
             assert result.returncode == 0, result.stderr[-4000:]
