@@ -7,9 +7,12 @@ server (tests/standin_server.py, a separate process): generation through the `op
 the stand-in too, IFD scoring and training on `model=random_1x16` (1 layer, 16 wide: the data path is real,
 the model's compute negligible), training capped at `--train-steps`. Per stage it prints wall time, the
 driver's peak RSS, the largest Ray worker's peak RSS, the object store's peak (shared memory the raylet has
-touched), model loads (when the stage reports them), time inside model calls (the stand-in busy) and
-outside them; then the pipeline's own time per 1,000 instances against what one GPU would spend decoding
-those instances' tokens at `--gpu-tokens-per-s`. A rerun with the same `--out` resumes: finished stages are
+touched), model loads (hf models, vLLM engines and IFD scorers the stage reports; training's are not counted), time inside model calls (the stand-in busy) and
+outside them, and CPU seconds: the driver's, the driver's with every process it reaped (its Ray processes),
+and the stand-in's; then the pipeline's own cost per 1,000 instances (wall time outside model calls, and
+its processes' CPU time, which a machine shared with other jobs does not inflate) against what one GPU would
+spend decoding those instances' tokens at `--gpu-tokens-per-s`. Each stage's output is in
+<run dir>/bench-<stage>.log. A rerun with the same `--out` resumes: finished stages are
 skipped by the pipeline (their numbers are then those of the run that computed them).
 """
 
@@ -27,7 +30,7 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import psutil
 
@@ -74,6 +77,9 @@ class StageResult:
     model_loads: Optional[int]
     model_call_s: float  # the stand-in had a request in flight
     completion_tokens: int
+    driver_cpu_s: float  # CPU time of the driver process (all its threads)
+    pipeline_cpu_s: float  # CPU time of the driver and every process it started and reaped (Ray's included)
+    server_cpu_s: float  # CPU time of the stand-in server meanwhile: the model work, on a GPU elsewhere in a real run
 
     @property
     def outside_s(self) -> float:
@@ -101,9 +107,15 @@ class Watcher:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.driver = self.worker = self.store = 0
+        self.driver_cpu = 0.0
 
     def poll(self) -> None:
         self.driver = max(self.driver, _kib(_status(self.pid), "VmHWM"))
+        try:
+            times = psutil.Process(self.pid).cpu_times()
+            self.driver_cpu = times.user + times.system
+        except psutil.Error:
+            pass
         try:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -124,25 +136,40 @@ def server_metrics(url: str) -> dict[str, float]:
             "tokens": sum(v for k, v in values.items() if k.startswith("vllm:generation_tokens_total"))}
 
 
-def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env: dict[str, str]) -> StageResult:
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env: dict[str, str], server_pid: int) -> StageResult:
+    """One stage in its own driver process; its output goes to <run_dir>/bench-<stage>.log (a pipe nobody reads
+    while the stage runs would fill and stall the driver)."""
     command = [sys.executable, "-m", "unifit.launch", *overrides(args.instances, url, run_dir, train_steps=args.train_steps,
                                                                  test_questions=args.test_questions), f"stages=[{stage}]"]
-    before = server_metrics(url)
+    before, server_before = server_metrics(url), cpu_seconds(server_pid)
+    log_path = run_dir / f"bench-{stage}.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watcher = Watcher(process.pid)
-    while process.poll() is None:
-        watcher.poll()
-        time.sleep(0.5)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        watcher = Watcher(process.pid)
+        while True:
+            watcher.poll()
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # rusage: the driver and the children it reaped
+            if pid:
+                break
+            time.sleep(0.5)
     wall = time.perf_counter() - start
-    output = process.stdout.read() if process.stdout else ""
+    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
-        raise SystemExit(f"stage {stage} failed (exit {process.returncode}):\n{output[-4000:]}")
+        raise SystemExit(f"stage {stage} failed (exit {process.returncode}):\n{log_path.read_text()[-4000:]}")
     after = server_metrics(url)
     manifest = json.loads((run_dir / stage / "manifest.json").read_text())
-    loads = manifest["metrics"].get("model_loads")
+    counted = [manifest["metrics"][key] for key in ("model_loads", "engine_starts", "scorer_loads") if key in manifest["metrics"]]
+    loads = sum(counted) if counted else None  # hf models and vLLM engines behind the clients, IFD scorers
     return StageResult(stage, wall, manifest.get("seconds"), watcher.driver / 2**20, watcher.worker / 2**20,
-                       watcher.store / 2**20, loads, after["busy"] - before["busy"], int(after["tokens"] - before["tokens"]))
+                       watcher.store / 2**20, loads, after["busy"] - before["busy"], int(after["tokens"] - before["tokens"]),
+                       watcher.driver_cpu, usage.ru_utime + usage.ru_stime, cpu_seconds(server_pid) - server_before)
 
 
 def start_server(args: argparse.Namespace, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
@@ -174,7 +201,7 @@ def main() -> int:
     results: list[StageResult] = []
     try:
         for stage in args.stages.split(","):
-            results.append(run_stage(stage, args, url, run_dir, env))
+            results.append(run_stage(stage, args, url, run_dir, env, server.pid))
             r = results[-1]
             print(f"{stage}: {r.wall_s:.1f}s", file=sys.stderr, flush=True)
     finally:
@@ -196,20 +223,26 @@ def pq_rows(path: Path) -> list[int]:
 
 def print_table(results: list[StageResult], instances: int, args: argparse.Namespace, run_dir: Path) -> None:
     print(f"\n{instances:,} instances, run directory {run_dir}")
-    print("| stage | wall s | stage s | driver peak GB | largest worker GB | object store GB | model loads | in model calls s | outside s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| stage | wall s | stage s | driver peak GB | largest worker GB | object store GB | model loads | in model calls s "
+          "| outside s | driver CPU s | pipeline CPU s | stand-in CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         loads = "–" if r.model_loads is None else str(r.model_loads)
         stage_s = "–" if r.stage_s is None else f"{r.stage_s:.1f}"
         print(f"| {r.stage} | {r.wall_s:.1f} | {stage_s} | {r.driver_peak_gb:.2f} | {r.worker_peak_gb:.2f} | "
-              f"{r.object_store_peak_gb:.2f} | {loads} | {r.model_call_s:.1f} | {r.outside_s:.1f} |")
+              f"{r.object_store_peak_gb:.2f} | {loads} | {r.model_call_s:.1f} | {r.outside_s:.1f} | {r.driver_cpu_s:.1f} | "
+              f"{r.pipeline_cpu_s:.1f} | {r.server_cpu_s:.1f} |")
     tokens = sum(r.completion_tokens for r in results)
-    own = sum(r.outside_s for r in results)
     per_k = 1000 / max(1, instances)
     gpu = tokens / args.gpu_tokens_per_s
-    print(f"\npipeline's own time per 1,000 instances: {own * per_k:.1f} s; one GPU's decode time for their "
-          f"{tokens * per_k:,.0f} output tokens at {args.gpu_tokens_per_s:,.0f} tokens/s: {gpu * per_k:.1f} s "
-          f"(own time = {own / gpu:.0%} of it; goal <= 10%)" if gpu else "\nno output tokens were generated")
+    if not gpu:
+        print("\nno output tokens were generated")
+        return
+    print(f"\none GPU's decode time for the {tokens * per_k:,.0f} output tokens per 1,000 instances at "
+          f"{args.gpu_tokens_per_s:,.0f} tokens/s: {gpu * per_k:.1f} s; the pipeline's own cost per 1,000 instances (goal <= 10% of it):")
+    for label, own in (("wall time outside model calls", sum(r.outside_s for r in results)),
+                       ("CPU time of the pipeline's processes", sum(r.pipeline_cpu_s for r in results))):
+        print(f"  {label}: {own * per_k:.1f} s = {own / gpu:.0%}")
 
 
 if __name__ == "__main__":

@@ -252,6 +252,11 @@ def count_tokens(text: str) -> int:
     return len(TOKEN.findall(text))
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 2048  # the listen backlog (uvicorn's default): a pipeline's client pool connects in bursts
+
+
 class GarbageServer:
     """`with GarbageServer(key) as server:` serves `script` on `server.url`; `server.script.records` logs the requests.
 
@@ -291,6 +296,8 @@ class GarbageServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's uvicorn server: a client reuses its connections
+
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 send_json(self, *server.respond(self.path, self.headers.get("Authorization", ""), body))
@@ -305,9 +312,7 @@ class GarbageServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        ThreadingHTTPServer.daemon_threads = True
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.request_queue_size = 256  # a pipeline's client pool connects in bursts
+        self._httpd = _HTTPServer((host, port), Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
     def stop(self) -> None:

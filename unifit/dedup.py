@@ -7,7 +7,9 @@ the shards were written in one run or across resumed runs.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Any
 
 NUM_PERM = 128
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -22,10 +24,20 @@ def shingles(text: str, size: int) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
+@functools.lru_cache(maxsize=None)
+def _permutations(num_perm: int) -> tuple[Any, str]:
+    """The seeded hash permutations (and their scheme), drawn once: drawing them costs more than hashing a question."""
+    from datasketch import MinHash
+
+    template = MinHash(num_perm=num_perm, seed=1)
+    return template.permutations, template.scheme
+
+
 def minhash(text: str, size: int, num_perm: int = NUM_PERM):
     from datasketch import MinHash
 
-    signature = MinHash(num_perm=num_perm, seed=1)
+    permutations, scheme = _permutations(num_perm)
+    signature = MinHash(num_perm=num_perm, seed=1, permutations=permutations, scheme=scheme)
     signature.update_batch([s.encode("utf-8") for s in shingles(text, size)])
     return signature
 
@@ -34,7 +46,8 @@ class NearDuplicateIndex:
     """Keeps the texts it has accepted; `add` answers whether a new text is a near-duplicate of one of them.
 
     LSH proposes candidates; a candidate counts only if the estimated Jaccard similarity reaches the
-    threshold, which removes most LSH false positives without any pairwise loop.
+    threshold, which removes most LSH false positives without any pairwise loop. Per accepted text it holds the
+    LSH band keys and the signature's hash values (the share of equal values estimates the Jaccard similarity).
     """
 
     def __init__(self, threshold: float, shingle_size: int, num_perm: int = NUM_PERM) -> None:
@@ -44,12 +57,12 @@ class NearDuplicateIndex:
         self.shingle_size = shingle_size
         self.num_perm = num_perm
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._signatures: dict[str, object] = {}
+        self._signatures: dict[str, Any] = {}  # key -> hash values (a numpy array)
 
     def _find(self, signature) -> str | None:
         """Key of an accepted text whose estimated Jaccard similarity with `signature` reaches the threshold, or None."""
         for key in sorted(self._lsh.query(signature)):
-            if signature.jaccard(self._signatures[key]) >= self.threshold:
+            if (signature.hashvalues == self._signatures[key]).mean() >= self.threshold:
                 return key
         return None
 
@@ -71,4 +84,4 @@ class NearDuplicateIndex:
 
     def _store(self, key: str, signature) -> None:
         self._lsh.insert(key, signature)
-        self._signatures[key] = signature
+        self._signatures[key] = signature.hashvalues

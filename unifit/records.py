@@ -6,9 +6,9 @@ An instance is one chat conversation with its place in the concept tree. Writes 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,7 +43,9 @@ class Instance:
             self.id = instance_id(self.messages)
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The parquet row; shares the message dicts (no deep copy: pyarrow only reads them)."""
+        return {"messages": self.messages, "leaf_id": self.leaf_id, "concept_path": self.concept_path, "source": self.source,
+                "generator": self.generator, "id": self.id}
 
 
 def instance_id(messages: list[dict[str, str]]) -> str:
@@ -59,6 +61,13 @@ def write_parquet(rows: list[dict[str, Any]], path: str | Path, schema: pa.Schem
         table = schema.empty_table()
     else:
         raise ValueError(f"{path}: cannot write an empty table without a schema")
+    return write_table(table, path)
+
+
+def write_table(table: pa.Table, path: str | Path) -> Path:
+    """Write an Arrow table atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -84,6 +93,42 @@ def read_column(files: Iterable[str | Path], column: str) -> list[Any]:
     for file in files:
         values.extend(pq.read_table(file, columns=[column]).column(column).to_pylist())
     return values
+
+
+def write_rows_by_id(files: Iterable[str | Path], ids: Sequence[str], path: str | Path) -> Path:
+    """Write the rows of `files` whose id is in `ids`, in the order of `ids`: filtered as Arrow file by file, so only
+    the taken rows are ever held (never the whole data set, nor any of it as Python objects)."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(ids, type=pa.string())
+    parts, schema = [], None
+    for file in files:
+        table = pq.read_table(file)
+        schema = schema or table.schema
+        parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
+    if schema is None:
+        raise ValueError(f"{path}: no files to take rows from")
+    taken = pa.concat_tables(parts) if parts else schema.empty_table()
+    if taken.num_rows != len(ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: {len(ids)} ids asked for, {taken.num_rows} rows found: ids must be unique and present "
+                         f"in the files")
+    return write_table(taken.take(pc.sort_indices(pc.index_in(taken.column("id"), value_set=wanted))), path)
+
+
+def user_turns(files: Iterable[str | Path]) -> Iterator[tuple[int, str]]:
+    """(row number, text) of every user turn of the instances in `files`, in order, one file at a time: only the
+    user turns become Python strings, never the answers."""
+    import pyarrow.compute as pc
+
+    first_row = 0
+    for file in files:
+        messages = pq.read_table(file, columns=["messages"]).column("messages").combine_chunks()
+        turns = messages.flatten()
+        is_user = pc.equal(turns.field("role"), "user")
+        rows = pc.filter(pc.list_parent_indices(messages), is_user).to_pylist()
+        texts = pc.filter(turns.field("content"), is_user).to_pylist()
+        yield from ((first_row + row, text) for row, text in zip(rows, texts))
+        first_row += len(messages)
 
 
 def count_rows(files: Iterable[str | Path]) -> int:

@@ -6,6 +6,7 @@ instructions for the diversity judge), so both apply the same rules.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections import Counter
 from typing import Sequence
@@ -22,6 +23,7 @@ def is_refusal(text: str) -> bool:
     return any(pattern in opening for pattern in REFUSAL_PATTERNS)
 
 
+@functools.lru_cache(maxsize=65536)
 def _script(char: str) -> str:
     """The writing system of a letter, from its Unicode name: LATIN, CYRILLIC, CJK, ARABIC, HANGUL, ..."""
     return unicodedata.name(char, "?").split(" ")[0]
@@ -34,11 +36,14 @@ def foreign_script(text: str, reference: str) -> bool:
     without a language model; another language in the same script (German for English) is not caught.
     The first 2,000 characters decide, so a long answer costs no more than a short one.
     """
-    scripts = Counter(_script(c) for c in text[:2000] if c.isalpha())
+    scripts: Counter[str] = Counter()
+    for char, count in Counter(text[:2000]).items():  # distinct characters, counted in C
+        if char.isalpha():
+            scripts[_script(char)] += count
     if not scripts:
         return False
     dominant, count = scripts.most_common(1)[0]
-    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in reference)
+    return 2 * count > sum(scripts.values()) and not any(c.isalpha() and _script(c) == dominant for c in set(reference))
 
 
 def first_question(messages: Sequence[dict[str, str]]) -> str:

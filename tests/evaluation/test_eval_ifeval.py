@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,7 @@ from conftest import assert_fingerprinted_reads, recording_context
 
 from unifit.config import SelectConfig, UnifitConfig
 from unifit.records import Instance, read_parquet, write_instances, write_parquet
-from unifit.selection.pithy import coverage, select_pithy
+from unifit.selection.pithy import count_groups, scope_of, select_pithy
 from unifit.selection.sample import draw_sample, k_per_leaf
 from unifit.selection.score import SCORE_SCHEMA
 from unifit.selection.stage import run_sample, run_select
@@ -40,17 +40,20 @@ def test_k_per_leaf_from_fraction_with_at_least_one() -> None:
 
 def test_sample_takes_k_from_every_leaf_seeded_and_order_free() -> None:
     rows = dataset({"a": 40, "b": 40, "c": 3, "x": 40, "y": 77})
-    sample, counts = draw_sample(rows, fraction=0.1, seed=7)
+    draw = lambda rows, seed: draw_sample([r["id"] for r in rows], [r["leaf_id"] for r in rows], 0.1, seed)  # noqa: E731
+    sample, counts = draw(rows, 7)
     k = k_per_leaf(len(rows), 5, 0.1)
     assert counts == {"instances": 200, "leaves": 5, "k_per_leaf": k, "sample_size": 4 * k + 3,
                       "sample_fraction": round((4 * k + 3) / 200, 4)}
-    per_leaf = {leaf: sum(r["leaf_id"] == leaf for r in sample) for leaf in "abcxy"}
+    leaf_of = {r["id"]: r["leaf_id"] for r in rows}
+    per_leaf = {leaf: sum(leaf_of[i] == leaf for i in sample) for leaf in "abcxy"}
     assert per_leaf == {"a": 4, "b": 4, "c": 3, "x": 4, "y": 4}
-    assert len({r["id"] for r in sample}) == len(sample)
+    assert [leaf_of[i] for i in sample] == sorted(leaf_of[i] for i in sample)  # leaf by leaf
+    assert len(set(sample)) == len(sample)
     shuffled = rows[:]
     random.Random(1).shuffle(shuffled)
-    assert {r["id"] for r in draw_sample(shuffled, 0.1, 7)[0]} == {r["id"] for r in sample}
-    assert {r["id"] for r in draw_sample(rows, 0.1, 8)[0]} != {r["id"] for r in sample}
+    assert draw(shuffled, 7)[0] == sample
+    assert set(draw(rows, 8)[0]) != set(sample)
 
 
 def test_selection_ratio_drops_ifd_ge_1_and_truncated() -> None:
@@ -80,13 +83,17 @@ def test_selection_min_per_leaf_quota_keeps_every_leaf() -> None:
 
 def test_stage_sample_and_select_write_their_files(tmp_path: Path) -> None:
     rows = dataset({"a": 30, "b": 30, "x": 30, "y": 30})
-    write_instances(rows, tmp_path / "generate" / "instances" / "shard-00000.parquet")
+    random.Random(2).shuffle(rows)  # leaves spread over the shards
+    for shard, start in enumerate(range(0, 120, 50)):  # 50 + 50 + 20 rows: the stages filter file by file
+        write_instances(rows[start : start + 50], tmp_path / "generate" / "instances" / f"shard-{shard:05d}.parquet")
+    by_id = {r["id"]: r for r in rows}
     cfg = UnifitConfig(select=SelectConfig(agreement_fraction=0))  # the scorer check is tested in test_scorer_choice.py
     sample_ctx = recording_context(cfg, tmp_path, "sample")
     counts = run_sample(sample_ctx)
     assert_fingerprinted_reads(sample_ctx)
     assert counts["sample_size"] == 4 * k_per_leaf(120, 4, cfg.sample.fraction) == 8
-    assert len(read_parquet(tmp_path / "sample" / "sample.parquet")) == 8
+    drawn, _ = draw_sample([r["id"] for r in rows], [r["leaf_id"] for r in rows], cfg.sample.fraction, cfg.sample.seed)
+    assert read_parquet(tmp_path / "sample" / "sample.parquet") == [by_id[i] for i in drawn]  # whole rows, drawn order
 
     ctx = recording_context(cfg, tmp_path, "select")
     with pytest.raises(UserError, match="no IFD score"):
@@ -101,9 +108,10 @@ def test_stage_sample_and_select_write_their_files(tmp_path: Path) -> None:
     assert_fingerprinted_reads(ctx)
     expected = select_pithy(scored, ratio=cfg.select.ratio, max_ifd=1.0)
     pithy = read_parquet(tmp_path / "select" / "pithy.parquet")
-    assert [r["id"] for r in pithy] == expected.kept_ids and counts["kept"] == 7 == round(0.06 * 120)
+    assert pithy == [by_id[i] for i in expected.kept_ids] and counts["kept"] == 7 == round(0.06 * 120)
     report = json.loads((tmp_path / "select" / "report.json").read_text())
     assert report["coverage_before"] == {"DNS": 60, "Email": 60}
-    assert report["coverage_after"] == coverage(pithy)
+    assert report["coverage_after"] == count_groups(scope_of(r["concept_path"]) for r in pithy)
+    assert report["leaves_after"] == len({r["leaf_id"] for r in pithy})
     assert sum(report["reasons"].values()) == 120
     assert (tmp_path / "select" / "ifd_hist.png").stat().st_size > 5000

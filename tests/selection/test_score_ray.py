@@ -66,11 +66,13 @@ def test_two_actors_equal_one_actor_and_resume(ray_local, run_dir: Path, tiny_mo
     assert_fingerprinted_reads(ctx)
     assert counts["shards"] == 3 and counts["shards_computed"] == 3 and counts["shards_reused"] == 0
     assert counts["scored"] == 9 and counts["truncated"] == 1 and counts["score_seconds"] > 0
+    assert 1 <= counts["scorer_loads"] <= 2  # one per actor, never one per shard
     two = by_id(read_parquet(run_dir / "score" / "scores"))
 
     one_dir = run_dir / "one_actor"
-    score_sharded(run_dir / "generate" / "instances", one_dir, model_dir=run_dir / "train_scorer" / "model", actors=1, cpus_per_actor=1,
+    one = score_sharded(run_dir / "generate" / "instances", one_dir, model_dir=run_dir / "train_scorer" / "model", actors=1, cpus_per_actor=1,
                   gpus_per_actor=0, dtype="float32", max_length=MAX_LENGTH, max_tokens_per_batch=128, shard_size=4)
+    assert one["scorer_loads"] == 1 and one["shards_computed"] == 3
     assert_same_scores(two, by_id(read_parquet(one_dir)), tol=1e-6)
 
     rows = instances()
@@ -84,7 +86,7 @@ def test_two_actors_equal_one_actor_and_resume(ray_local, run_dir: Path, tiny_mo
     marked = [{**row, "ifd": -1.0} for row in read_parquet(scores_dir / "shard-00000.parquet")]
     write_parquet(marked, scores_dir / "shard-00000.parquet", SCORE_SCHEMA)
     counts = run_score(StageContext(cfg, run_dir, "score"))
-    assert counts["shards_computed"] == 1 and counts["shards_reused"] == 2
+    assert counts["shards_computed"] == 1 and counts["shards_reused"] == 2 and counts["scorer_loads"] == 1
     again = by_id(read_parquet(scores_dir))
     assert all(again[row["id"]]["ifd"] == -1.0 for row in marked)
     assert_same_scores({k: v for k, v in two.items() if k not in {r["id"] for r in marked}},

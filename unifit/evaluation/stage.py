@@ -24,9 +24,8 @@ from unifit.evaluation.test_sets import load_test_set
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
 from unifit.llm.client import served_name
 from unifit.pipeline import output_path
-from unifit.records import read_parquet, write_parquet
+from unifit.records import parquet_files, read_column, read_parquet, user_turns, write_parquet
 from unifit.stage import StageContext, UserError, read_json, write_json
-from unifit.text import first_question
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +56,42 @@ def answer_backend(cfg: UnifitConfig) -> BackendConfig:
     return cfg.backend
 
 
-def load_leaves(ctx: StageContext, instances: list[dict[str, Any]]) -> list[Node]:
+def load_leaves(ctx: StageContext, instance_files: list[Path]) -> list[Node]:
     """Leaves of generate/tree.json; for imported data (no tree) the instances' distinct concept paths."""
     tree_path = ctx.optional_input("tree")
     if tree_path is not None:
         return Tree.from_json(read_json(tree_path)).leaves()
-    paths = {tuple(row["concept_path"]) for row in instances if row.get("concept_path")}
+    paths = {tuple(path) for file in instance_files for path in read_column([file], "concept_path") if path}
     if not paths:
         raise UserError(f"{output_path(ctx.run_dir, 'tree')} is missing and the training instances carry no concept_path: there is nothing to "
                         f"ask test questions about; run the generate stage (stages=[generate,...])")
     return [Node(path[-1], list(path), None) for path in sorted(paths)]
 
 
-def _test_questions(ctx: StageContext, judge: ChatClient, instances: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _questions_asked(instance_files: list[Path]) -> tuple[list[str], list[str]]:
+    """Every user turn of the training instances (test questions must not near-duplicate one) and each instance's
+    first question (the diversity judge's sample), without reading the answers into Python."""
+    texts: list[str] = []
+    first: list[str] = []
+    previous_row = -1
+    for row, text in user_turns(instance_files):
+        texts.append(text)
+        if row != previous_row:
+            first.append(text)
+            previous_row = row
+    return texts, first
+
+
+def _test_questions(ctx: StageContext, judge: ChatClient, instance_files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     cfg = ctx.cfg
     path = ctx.out_dir / "test_questions.parquet"
     if path.exists():
         return read_parquet(path), {}
-    texts = [m["content"] for row in instances for m in row["messages"] if m["role"] == "user"]
-    index = training_index(texts, cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
+    index = training_index(_questions_asked(instance_files)[0], cfg.generate.dedup_threshold, cfg.generate.dedup_shingle_words)
     _, backend, _ = judge_setup(cfg)
     params = GenerationParams.from_backend(backend, cfg.seed, max_new_tokens=cfg.evaluate.question_max_new_tokens)
     rows, counts = generate_test_questions(
-        judge, load_leaves(ctx, instances), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
+        judge, load_leaves(ctx, instance_files), index, n=cfg.evaluate.num_test_questions, domain=cfg.domain,
         prompt=cfg.evaluate.question_prompt, params=params, seed=cfg.seed, max_rounds=cfg.evaluate.question_max_rounds)
     if len(rows) < cfg.evaluate.num_test_questions:
         log.warning("only %d of %d test questions after %d rounds (%s); raise evaluate.question_max_rounds for more",
@@ -147,7 +159,7 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     out = ctx.out_dir
     judge_model, judge_backend, caveat = judge_setup(cfg)
     judge_client = as_client(judge) if judge is not None else ctx.connect(judge_model, judge_backend, f"judge {served_name(judge_model, judge_backend)}")
-    instances = read_parquet(ctx.input("instances"))
+    instance_files = parquet_files(ctx.input("instances"))
     test_sets = [load_test_set(p) for p in cfg.evaluate.test_sets]  # bad files fail here, before any model runs
 
     # every model is connected before the first call: the stage's pools are sized together and never evict each other
@@ -157,7 +169,7 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     clients = {name: as_client(given[name]) if name in given else ctx.connect(model, backend, f"answers {model.name}")
                for name, model in models.items()}
 
-    questions, question_counts = _test_questions(ctx, judge_client, instances)
+    questions, question_counts = _test_questions(ctx, judge_client, instance_files)
     metrics: dict[str, Any] = {"test_questions": len(questions), **{f"questions_{k}": v for k, v in question_counts.items()}}
     ctx.log_metrics(metrics)
 
@@ -177,10 +189,10 @@ def run(ctx: StageContext, judge: Optional[ChatClient | FreeTextModel] = None,
     if diversity_path.exists():
         scored = read_json(diversity_path)
     else:
-        sources = {"unifit": [first_question(row["messages"]) for row in instances]}
+        sources = {"unifit": _questions_asked(instance_files)[1]}
         self_instruct = ctx.optional_input("self_instruct")
         if self_instruct is not None:
-            sources["self_instruct"] = [first_question(row["messages"]) for row in read_parquet(self_instruct)]
+            sources["self_instruct"] = _questions_asked(parquet_files(self_instruct))[1]
         params = GenerationParams.from_backend(judge_backend, cfg.seed, max_new_tokens=cfg.evaluate.diversity_max_new_tokens,
                                                temperature=0.0, top_p=1.0, json_mode=judge_backend.name != "hf")
         scored = diversity(judge_client, sources, domain=cfg.domain, draws=cfg.evaluate.diversity_draws,

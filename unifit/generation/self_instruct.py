@@ -56,32 +56,52 @@ def unsuitable(instruction: str) -> Optional[str]:
 
 
 class NoveltyFilter:
-    """ROUGE-L novelty against every kept instruction, checked only on MinHash-LSH candidates."""
+    """ROUGE-L novelty against every kept instruction, checked only on MinHash-LSH candidates.
+
+    Each kept instruction's tokens are kept (tokenised once, not once per comparison), and a candidate is compared
+    by LCS only when the tokens both share could reach the threshold: the LCS is at most the size of the two token
+    multisets' intersection, so ROUGE-L F1 = 2·LCS / (len a + len b) is at most 2·shared / (len a + len b). The
+    verdict is the same as scoring every candidate; most candidates skip the quadratic LCS table.
+    """
 
     def __init__(self, rouge_threshold: float) -> None:
-        from rouge_score import rouge_scorer
+        from rouge_score.tokenizers import DefaultTokenizer
 
         self.threshold = rouge_threshold
-        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self._tokenizer = DefaultTokenizer(use_stemmer=False)  # what RougeScorer(["rougeL"], use_stemmer=False) uses
         self._index = NearDuplicateIndex(CANDIDATE_JACCARD, shingle_size=1)
-        self._texts: dict[str, str] = {}
+        self._tokens: dict[str, tuple[list[str], Counter[str]]] = {}
 
     def __len__(self) -> int:
-        return len(self._texts)
+        return len(self._tokens)
 
-    def max_similarity(self, text: str) -> float:
-        scores = [self._scorer.score(self._texts[key], text)["rougeL"].fmeasure for key in self._index.candidates(text)]
-        return max(scores, default=0.0)
+    def is_novel(self, text: str) -> bool:
+        """No kept instruction has a ROUGE-L F1 above the threshold with `text`."""
+        from rouge_score.rouge_scorer import _score_lcs
+
+        tokens = self._tokenizer.tokenize(text)
+        counts = Counter(tokens)
+        for key in self._index.candidates(text):
+            kept, kept_counts = self._tokens[key]
+            if not tokens or not kept:
+                continue  # ROUGE-L of an empty token list is 0
+            shared = sum(min(count, kept_counts[token]) for token, count in counts.items() if token in kept_counts)
+            if 2 * shared / (len(tokens) + len(kept)) <= self.threshold - 1e-9:
+                continue  # cannot exceed the threshold (the margin covers F1's other rounding)
+            if _score_lcs(kept, tokens).fmeasure > self.threshold:
+                return False
+        return True
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
-        key = str(len(self._texts))
+        key = str(len(self._tokens))
         self._index.insert(key, text)
-        self._texts[key] = text
+        tokens = self._tokenizer.tokenize(text)
+        self._tokens[key] = (tokens, Counter(tokens))
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
-        if self.max_similarity(text) > self.threshold:
+        if not self.is_novel(text):
             return False
         self.remember(text)
         return True

@@ -18,6 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from unifit.concept_tree import Tree
 from unifit.config import UnifitConfig
 from unifit.dedup import NearDuplicateIndex
@@ -25,7 +28,7 @@ from unifit.generation.instances import HEADLINE_COUNTS, generate_leaf_instances
 from unifit.generation.self_instruct import run_self_instruct
 from unifit.generation.tree import build_tree, draw_tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
-from unifit.records import read_parquet, remove_stale_shards, shard_path, write_instance_shards, write_instances
+from unifit.records import remove_stale_shards, shard_path, write_instance_shards, write_instances, write_table
 from unifit.stage import StageContext, read_json, write_json
 from unifit.text import first_question
 
@@ -83,11 +86,12 @@ def dedup_shards(cfg: UnifitConfig, raw_shards: list[Path], out: Path) -> Counte
     remove_stale_shards(out, keep={shard.name for shard in raw_shards})
     counts: Counter[str] = Counter()
     for shard in tqdm(raw_shards, desc="dedup", unit="shard"):
-        rows = read_parquet(shard)
-        kept = [row for row in rows if index.add(row["id"], first_question(row["messages"]))]
-        counts[NEAR_DUPLICATES] += len(rows) - len(kept)
-        counts[KEPT] += len(kept)
-        write_instances(kept, out / shard.name)
+        table = pq.read_table(shard)  # filtered as Arrow: only ids and messages become Python objects, one shard at a time
+        keep = [index.add(key, first_question(messages))
+                for key, messages in zip(table.column("id").to_pylist(), table.column("messages").to_pylist())]
+        counts[NEAR_DUPLICATES] += keep.count(False)
+        counts[KEPT] += keep.count(True)
+        write_table(table.filter(pa.array(keep, type=pa.bool_())), out / shard.name)
     return counts
 
 

@@ -47,16 +47,25 @@ class ModelActor:
 
 
 class InProcessPool:
-    """The backend object in this process: an HTTP client (openai) or a model built here; built once, on first use."""
+    """The backend object in this process: an HTTP client (openai) or a model built here; built once, on first use.
 
-    def __init__(self, build: Callable[[], Any], backend_class: type, counts_as_load: bool) -> None:
+    `in_flight` batches are handed to the backend at once: an HTTP client whose requests share one pool of
+    connections then starts the next batch's requests while the last replies of a batch are still coming
+    (with 1, every batch would wait for its slowest reply). Leave it at 1 for a backend that is not thread-safe.
+    """
+
+    def __init__(self, build: Callable[[], Any], backend_class: type, counts_as_load: bool, in_flight: int = 1) -> None:
         self.build = build
         self.backend_class = backend_class
         self.counts_as_load = counts_as_load
+        self.in_flight = in_flight
         self.stats = PoolStats()
         self._model: Any = None
 
     def map(self, method: str, batches: Sequence[list[Any]], argument: Any) -> Iterator[tuple[int, list[Any]]]:
+        """(batch index, result) as batches finish; `call_seconds` counts the wall time with a batch in flight."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
         if self._model is None:
             started = time.perf_counter()
             self._model = self.build()
@@ -64,12 +73,29 @@ class InProcessPool:
                 self.stats.loads += 1
                 self.stats.load_seconds += time.perf_counter() - started
                 self.stats.startup_seconds += time.perf_counter() - started
-        for index, batch in enumerate(batches):
+        call = getattr(self._model, method)
+        if self.in_flight == 1:
+            for index, batch in enumerate(batches):
+                started = time.perf_counter()
+                result = list(call(batch, argument))
+                self.stats.call_seconds += time.perf_counter() - started
+                self.stats.batches += 1
+                yield index, result
+            return
+        queue = deque(enumerate(batches))
+        with ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="batch") as executor:
             started = time.perf_counter()
-            result = list(getattr(self._model, method)(batch, argument))
+            running = {}
+            while queue or running:
+                while queue and len(running) < self.in_flight:
+                    index, batch = queue.popleft()
+                    running[executor.submit(call, batch, argument)] = index
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    self.stats.batches += 1
+                    yield index, list(future.result())
             self.stats.call_seconds += time.perf_counter() - started
-            self.stats.batches += 1
-            yield index, result
 
     @property
     def live_actors(self) -> int:
@@ -79,7 +105,9 @@ class InProcessPool:
         return {}
 
     def close(self) -> None:
-        self._model = None
+        model, self._model = self._model, None
+        if callable(getattr(model, "close", None)):
+            model.close()
 
 
 @dataclass

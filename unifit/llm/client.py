@@ -8,7 +8,8 @@ whatever the number of actors. Behind the client:
 - hf: a pool of up to `cluster.generation_actors` Ray actors, one model each;
 - vllm: a pool of `cluster.generation_actors` Ray actors, one `vllm.LLM` engine each (one GPU, or a
   tensor-parallel group of `backend.tensor_parallel_size` GPUs);
-- openai: the HTTP client in this process (`backend.batch_size` concurrent requests).
+- openai: the HTTP client in this process (`backend.batch_size` concurrent requests, over keep-alive connections;
+  the next batch's requests start while the last replies of a batch are still coming).
 
 Roles that use the same model and serving settings share one pool. Actors start on first use, serve every
 later call of the stage and are released when the stage ends (`close`). The stage's pools share the cluster
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from unifit.config import BackendConfig, ClusterConfig, ModelConfig
-from unifit.llm.actors import ActorPool, InProcessPool
+from unifit.llm.actors import IN_FLIGHT_PER_ACTOR, ActorPool, InProcessPool
 from unifit.llm.base import Choice, Completion, Conversation, GenerationParams
 from unifit.llm.cache import CompletionCache, completion_key
 
@@ -178,7 +179,7 @@ class ModelClients:
     def _pool(self, model_cfg: ModelConfig, backend: BackendConfig) -> Pool:
         if backend.name == "openai":
             return InProcessPool(functools.partial(build_backend, backend, model_cfg, self.cache_dir), backend_class("openai"),
-                                 counts_as_load=False)
+                                 counts_as_load=False, in_flight=IN_FLIGHT_PER_ACTOR)
         return _LazyActorPool(self, model_cfg, backend)
 
     def make_room(self, pool: ActorPool, wanted: int) -> int:

@@ -19,17 +19,18 @@ def k_per_leaf(n_instances: int, n_leaves: int, fraction: float) -> int:
     return max(1, round(fraction * n_instances / max(1, n_leaves)))
 
 
-def draw_sample(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(sample rows, counts). Leaves with fewer than K instances give all they have."""
-    by_leaf: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_leaf[row["leaf_id"]].append(row)
-    k = k_per_leaf(len(rows), len(by_leaf), fraction)
-    sample: list[dict[str, Any]] = []
+def draw_sample(ids: Sequence[str], leaf_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """(ids of the sample, leaf by leaf in sorted leaf order; counts) from the instances' id and leaf_id columns.
+    Leaves with fewer than K instances give all they have."""
+    by_leaf: dict[str, list[str]] = defaultdict(list)
+    for id_, leaf in zip(ids, leaf_ids):
+        by_leaf[leaf].append(id_)
+    k = k_per_leaf(len(ids), len(by_leaf), fraction)
+    sample: list[str] = []
     for leaf in sorted(by_leaf):
-        members = sorted(by_leaf[leaf], key=lambda row: row["id"])
+        members = sorted(by_leaf[leaf])
         rng = random.Random(fingerprint([seed, leaf]))
         sample.extend(rng.sample(members, min(k, len(members))))
-    counts = {"instances": len(rows), "leaves": len(by_leaf), "k_per_leaf": k, "sample_size": len(sample),
-              "sample_fraction": round(len(sample) / len(rows), 4) if rows else 0.0}
+    counts = {"instances": len(ids), "leaves": len(by_leaf), "k_per_leaf": k, "sample_size": len(sample),
+              "sample_fraction": round(len(sample) / len(ids), 4) if ids else 0.0}
     return sample, counts

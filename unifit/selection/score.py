@@ -12,7 +12,9 @@ starves them and hangs (see `_pool_sizes`).
 
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,6 +42,7 @@ def _shard_done(path: Path, ids: list[str]) -> bool:
 
     return path.exists() and pq.read_table(path, columns=["id"]).column("id").to_pylist() == ids
 
+LOADS_DIR = ".loads"
 COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
 
 
@@ -51,7 +54,9 @@ class ShardScorer:
     """Ray Data actor: loads the scoring model once, then scores and writes whole shards (one block each).
 
     `shards`: first id -> (shard index, last id, rows) of every shard to score; a block is written only if
-    it matches one exactly, so a stream cut differently can never write rows under the wrong shard.
+    it matches one exactly, so a stream cut differently can never write rows under the wrong shard. Each actor
+    leaves one empty file in `out_dir/.loads/` once its model is loaded: the stage counts its model loads there,
+    whichever node the actor ran on and whether or not it was handed a block.
     """
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
@@ -68,6 +73,8 @@ class ShardScorer:
         self.tokenizer = load_tokenizer(served, cache_dir=None)
         self.model = load_model(served, cache_dir=None, device=device).eval()
         self.out_dir = Path(out_dir)
+        (self.out_dir / LOADS_DIR).mkdir(exist_ok=True)
+        (self.out_dir / LOADS_DIR / uuid.uuid4().hex).touch()
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
         self.shards = shards
@@ -130,7 +137,8 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
     """Score the instances (a parquet file, a directory of them, or a list of files, in that order) into
     `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
-    Returns shard counts, `nodes` (how many Ray nodes' actors scored this call's shards, 0 if none were left) and,
+    Returns shard counts, `nodes` (how many Ray nodes' actors scored this call's shards, 0 if none were left),
+    `scorer_loads` (scoring models this call loaded: one per actor Ray Data started) and,
     for this call's shards, the machine-independent cost of `IFDCost.summary` (padding efficiency, FLOPs per scored
     answer token against the per-example reference).
 
@@ -148,6 +156,7 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
     shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
     remove_stale_shards(out_dir, keep={shard_path(out_dir, index).name for index in range(len(shards))}, pattern="shard-*.parquet")
     todo = [index for index, shard in enumerate(shards) if not _shard_done(shard_path(out_dir, index), shard)]
+    shutil.rmtree(out_dir / LOADS_DIR, ignore_errors=True)  # this call's loads only
     n_shards, nodes = len(shards), 0
     cost = IFDCost()
     if todo:
@@ -174,5 +183,9 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
         nodes = len({row["node"] for row in scored})
         for row in scored:
             cost.add(IFDCost(**{name: (float if name.endswith("flops") else int)(row[name]) for name in COST_FIELDS}))
+    loads = out_dir / LOADS_DIR
+    scorer_loads = len(list(loads.iterdir())) if loads.exists() else 0
+    shutil.rmtree(loads, ignore_errors=True)
     return {"shards": n_shards, "shards_computed": len(todo), "shards_reused": n_shards - len(todo), "nodes": nodes,
+            "scorer_loads": scorer_loads,
             **{key: value for key, value in cost.summary().items() if value is not None}}

@@ -1,32 +1,28 @@
 """Selection stages: sample (T for the scoring model), score (IFD of every instance), select (the Pithy set).
 
 Each reads ALL instances (`ctx.input("instances")`) and writes only into its own directory; the
-scoring-model SFT between sample and score is the training stage, chained by the pipeline.
+scoring-model SFT between sample and score is the training stage, chained by the pipeline. Sample and select hold
+only columns (ids, leaves, scopes, scores) in Python; the rows they write are filtered from the shards as Arrow.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from unifit.config import DataConfig, ModelConfig
-from unifit.records import count_rows, parquet_files, read_column, read_parquet, write_instances
-from unifit.selection.pithy import coverage, plot_ifd_histogram, select_pithy
+import pyarrow.parquet as pq
+
+from unifit.records import count_rows, parquet_files, read_column, read_parquet, write_rows_by_id
+from unifit.selection.pithy import count_groups, plot_ifd_histogram, scope_of, select_pithy
 from unifit.selection.sample import draw_sample
 from unifit.stage import StageContext, UserError, write_json
 
 log = logging.getLogger(__name__)
-
-
-def _all_instances(ctx: StageContext) -> list[dict[str, Any]]:
-    path = ctx.input("instances")
-    rows = read_parquet(path)
-    if not rows:
-        raise UserError(f"{path}: no instances to select from; run the generate stage (or set data.path to import a file)")
-    return rows
 
 
 def _instance_files(ctx: StageContext) -> list[Path]:
@@ -40,8 +36,10 @@ def _instance_files(ctx: StageContext) -> list[Path]:
 
 def run_sample(ctx: StageContext) -> dict[str, Any]:
     """sample/sample.parquet: K random instances per leaf, about `sample.fraction` of all data."""
-    sample, counts = draw_sample(_all_instances(ctx), ctx.cfg.sample.fraction, ctx.cfg.sample.seed)
-    write_instances(sample, ctx.out_dir / "sample.parquet")
+    files = _instance_files(ctx)
+    sample, counts = draw_sample(read_column(files, "id"), read_column(files, "leaf_id"), ctx.cfg.sample.fraction,
+                                 ctx.cfg.sample.seed)
+    write_rows_by_id(files, sample, ctx.out_dir / "sample.parquet")
     write_json(ctx.out_dir / "report.json", counts)
     return counts
 
@@ -91,33 +89,41 @@ def _score(ctx: StageContext, instances: list[Path], out_dir: Path, model_dir: P
     )
 
 
+def _scopes(files: list[Path]) -> list[str]:
+    """The scope of every instance, in file order (from `concept_path`, one file at a time; one string object per scope)."""
+    return [sys.intern(scope_of(path)) for file in files for path in read_column([file], "concept_path")]
+
+
 def run_select(ctx: StageContext) -> dict[str, Any]:
     """select/pithy.parquet (instances, IFD descending), select/report.json and select/ifd_hist.png."""
     cfg = ctx.cfg.select
-    instances = {row["id"]: row for row in _all_instances(ctx)}
-    scores = read_parquet(ctx.input("scores"))
-    missing = len(set(instances) - {s["id"] for s in scores})
+    files = _instance_files(ctx)
+    ids, leaf_ids, scopes = read_column(files, "id"), read_column(files, "leaf_id"), _scopes(files)
+    score_files = parquet_files(ctx.input("scores"))
+    scores = [row for file in score_files for row in pq.read_table(file, columns=["id", "leaf_id", "ifd", "truncated"]).to_pylist()]
+    missing = len(set(ids) - {s["id"] for s in scores})
     if missing:
         raise UserError(f"{ctx.input('scores')}: {missing} instances have no IFD score; rerun the score stage")
     selection = select_pithy(scores, ratio=cfg.ratio, max_ifd=cfg.max_ifd, min_per_leaf=cfg.min_per_leaf)
-    kept = [instances[i] for i in selection.kept_ids]
-    write_instances(kept, ctx.out_dir / "pithy.parquet")
-    plot_ifd_histogram(scores, set(selection.kept_ids), cfg.max_ifd, ctx.out_dir / "ifd_hist.png")
-    kept_ifd = [s["ifd"] for s in scores if s["id"] in set(selection.kept_ids)]
+    write_rows_by_id(files, selection.kept_ids, ctx.out_dir / "pithy.parquet")
+    kept_set = set(selection.kept_ids)
+    plot_ifd_histogram(scores, kept_set, cfg.max_ifd, ctx.out_dir / "ifd_hist.png")
+    kept_ifd = [s["ifd"] for s in scores if s["id"] in kept_set]
     finite = [s["ifd"] for s in scores if not s["truncated"] and math.isfinite(s["ifd"])]
-    before, after = coverage(list(instances.values())), coverage(kept)
+    kept_rows = [i for i, id_ in enumerate(ids) if id_ in kept_set]
+    before, after = count_groups(scopes), count_groups(scopes[i] for i in kept_rows)
     report = {
-        "instances": len(instances), "target": selection.target, "kept": len(kept), "reasons": selection.reasons,
+        "instances": len(ids), "target": selection.target, "kept": len(kept_set), "reasons": selection.reasons,
         "ratio": cfg.ratio, "max_ifd": cfg.max_ifd, "min_per_leaf": cfg.min_per_leaf,
         "ifd_min_kept": min(kept_ifd) if kept_ifd else None,
         "ifd_mean_all": sum(finite) / len(finite) if finite else None,
         "coverage_before": before, "coverage_after": after,
         "group_by": ctx.cfg.data.group_by if ctx.cfg.data.path else None, "grouping": _grouping(ctx.cfg.data),
         "groups": {group: {"kept": after.get(group, 0), "total": total} for group, total in before.items()},
-        "leaves_before": len({row["leaf_id"] for row in instances.values()}),
-        "leaves_after": len({row["leaf_id"] for row in kept}),
+        "leaves_before": len(set(leaf_ids)),
+        "leaves_after": len({leaf_ids[i] for i in kept_rows}),
         "scorer_trained": ctx.cfg.select.train_scorer,
-        "agreement": _check_scorer(ctx, list(instances.values()), scores),
+        "agreement": _check_scorer(ctx, files, ids, scores),
     }
     write_json(ctx.out_dir / "report.json", report)
     lost = sorted(set(report["coverage_before"]) - set(report["coverage_after"]))
@@ -126,7 +132,7 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
     check = report["agreement"]
     agreement_metrics = ({"agreement_spearman": check["spearman"], "agreement_top_overlap": check["top_overlap"],
                           "agreement_seconds": check["seconds"]} if "spearman" in check else {})
-    return {"instances": len(instances), "kept": len(kept), **selection.reasons,
+    return {"instances": len(ids), "kept": len(kept_set), **selection.reasons,
             "leaves_before": report["leaves_before"], "leaves_after": report["leaves_after"], **agreement_metrics}
 
 
@@ -139,7 +145,7 @@ def _grouping(data: DataConfig) -> str:
     return "the imported file's leaf_id/category column (one group for the file without it)"
 
 
-def _check_scorer(ctx: StageContext, instances: list[dict[str, Any]], scores: list[dict[str, Any]]) -> dict[str, Any]:
+def _check_scorer(ctx: StageContext, files: list[Path], ids: list[str], scores: list[dict[str, Any]]) -> dict[str, Any]:
     """Score a random sample with the tuned model (`model`) too and compare its IFD ranking with the scorer's.
 
     Writes select/agreement_scores/ (the tuned model's scores, resumable by shard) and select/agreement.png; returns the
@@ -152,15 +158,15 @@ def _check_scorer(ctx: StageContext, instances: list[dict[str, Any]], scores: li
     if not cfg.checks_scorer:
         reason = ("the scorer is the model being tuned" if cfg.scorer_is_tuned_model else "select.agreement_fraction=0")
         return {"skipped": reason}
-    size = check_size(len(instances), cfg.select.agreement_fraction, cfg.select.agreement_max_instances)
-    ids = set(check_sample([row["id"] for row in instances], size, cfg.select.agreement_seed))
+    size = check_size(len(ids), cfg.select.agreement_fraction, cfg.select.agreement_max_instances)
+    checked_ids = set(check_sample(ids, size, cfg.select.agreement_seed))
     start = time.perf_counter()
     ensure_ray(cfg.cluster)
-    checked = write_instances([row for row in instances if row["id"] in ids], ctx.out_dir / "agreement_instances.parquet")
+    checked = write_rows_by_id(files, [id_ for id_ in ids if id_ in checked_ids], ctx.out_dir / "agreement_instances.parquet")
     _score(ctx, [checked], ctx.out_dir / "agreement_scores", _model_dir(ctx, cfg.model), cfg.model)
     seconds = time.perf_counter() - start
     reference = read_parquet(ctx.out_dir / "agreement_scores")
-    scorer = [row for row in scores if row["id"] in ids]
+    scorer = [row for row in scores if row["id"] in checked_ids]
     stats = agreement(scorer, reference, ratio=cfg.select.ratio, max_ifd=cfg.select.max_ifd)
     scorer_label = f"scorer ({cfg.scoring_model.name}{', trained on the sample' if cfg.select.train_scorer else ''})"
     plot_agreement(scorer, reference, stats, cfg.select.max_ifd, ctx.out_dir / "agreement.png",
