@@ -1,4 +1,4 @@
-"""Atomic file writes: write a temp file beside the target, then rename it over the target.
+"""Atomic writes: write a temp file (or build a temp directory) beside the target, then rename it over the target.
 
 Stages resume by trusting the files they find, so a kill mid-write must never leave a half file under the final
 name. The temp name starts with a dot and does not end with the target's suffix, so the globs that collect outputs
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -32,3 +34,28 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """A temp directory to build `path` in; it takes `path`'s place when the block ends, and is removed if it raises.
+
+    `keep_existing`: when another process put `path` in place first (two workers converting the same model), keep
+    theirs and drop this copy; otherwise an existing `path` is replaced whole (a re-export).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not keep_existing:
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a non-empty `path` appeared meanwhile: only a concurrent identical build does that
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep_existing:
+            raise

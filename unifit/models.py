@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from unifit.atomic import atomic_dir
 from unifit.config import ConfigError, ModelConfig
 from unifit.fingerprint import fingerprint
 from unifit.stage import UserError
@@ -67,17 +65,8 @@ def _atomic_materialize(target: Path, build: Any) -> Path:
     """Build into a temp dir beside `target`, then rename: a killed conversion never leaves a half model."""
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:
         build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -16,13 +16,12 @@ import functools
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from unifit.atomic import atomic_dir
 from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, WandbConfig, accumulation_steps, to_container
 
 log = logging.getLogger(__name__)
@@ -460,14 +459,10 @@ class SFTRecipe:
         # ZeRO-3 partitions every parameter: gathering is a collective, so all ranks take part
         state = engine._zero3_consolidated_16bit_state_dict() if self.config.zero_stage == 3 else engine.module.state_dict()
         if self.rank == 0:
-            target = Path(self.config.export_dir)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
             engine.module.config.use_cache = True
-            engine.module.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in state.items()}, safe_serialization=True)
-            load_tokenizer(self.config.model, self.config.cache_dir).save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with atomic_dir(self.config.export_dir) as tmp:
+                engine.module.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in state.items()}, safe_serialization=True)
+                load_tokenizer(self.config.model, self.config.cache_dir).save_pretrained(tmp)
         self._end_phase("export_seconds")
 
     def cleanup(self) -> None:
