@@ -173,7 +173,9 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
         if finished:
             dataset = dataset.map_batches(_drop_ids(finished), batch_format="pyarrow", batch_size=None)
         least, most = _pool_sizes(min(actors, len(todo)), cpus_per_actor, gpus_per_actor)
-        pool = ray.data.ActorPoolStrategy(min_size=least, max_size=most)
+        # One shard in flight per actor: Ray Data would otherwise queue several shards on the first actor ready,
+        # leaving the others idle (a shard is minutes of work; there is nothing to pipeline).
+        pool = ray.data.ActorPoolStrategy(min_size=least, max_size=most, max_tasks_in_flight_per_actor=1)
         scored = dataset.repartition(target_num_rows_per_block=shard_size, strict=True).map_batches(
             ShardScorer, batch_size=None, batch_format="pyarrow", compute=pool, fn_constructor_kwargs=constructor,
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
