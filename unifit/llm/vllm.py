@@ -76,12 +76,17 @@ class VLLMChatModel:
         self._vllm = vllm
         self.llm = vllm.LLM(model=model_dir, **engine_kwargs(backend, max_model_len, trust_remote_code))
 
-    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        extra = structured_constraint(self._vllm, json_object=True) if params.json_mode else {}
-        sampling = self._vllm.SamplingParams(**sampling_kwargs(params), **extra)
+    def _chat(self, conversations: Sequence[Conversation], sampling: Any) -> list[Any]:
+        """One engine call, one output per conversation (a short list would misalign replies with prompts)."""
         outputs = self.llm.chat([list(c) for c in conversations], sampling, use_tqdm=False)
         if len(outputs) != len(conversations):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(conversations)} conversations")
+        return outputs
+
+    def complete(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        extra = structured_constraint(self._vllm, json_object=True) if params.json_mode else {}
+        sampling = self._vllm.SamplingParams(**sampling_kwargs(params), **extra)
+        outputs = self._chat(conversations, sampling)
         completions = []
         for output in outputs:
             best = output.outputs[0]
@@ -98,9 +103,7 @@ class VLLMChatModel:
 
         sampling = self._vllm.SamplingParams(max_tokens=CHOICE_MAX_TOKENS, temperature=0.0, logprobs=CHOICE_LOGPROBS,
                                              **structured_constraint(self._vllm, choice=list(options)))
-        outputs = self.llm.chat([list(c) for c in conversations], sampling, use_tqdm=False)
-        if len(outputs) != len(conversations):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(conversations)} conversations")
+        outputs = self._chat(conversations, sampling)
         choices = []
         for output in outputs:
             best = output.outputs[0]
