@@ -1,4 +1,4 @@
-"""Column-wise reads of the instance shards: rows taken by id across files, user turns without the answers."""
+"""Column-wise reads of the instance shards: rows taken by id across files, user turns without the answers, row ranges."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from unifit.records import Instance, read_parquet, user_turns, write_instances, write_rows_by_id
+from unifit.records import Instance, read_parquet, read_row_range, user_turns, write_instances, write_rows_by_id
+from unifit.selection.score import _plan_slices
 
 
 def conversation(index: int, turns: int, system: bool = False) -> dict:
@@ -37,3 +38,21 @@ def test_user_turns_in_order_with_global_row_numbers(tmp_path: Path) -> None:
     expected = [(n, m["content"]) for n, row in enumerate(rows) for m in row["messages"] if m["role"] == "user"]
     assert list(user_turns(files)) == expected
     assert ("be brief" not in {text for _, text in expected}) and len(expected) == sum(1 + i % 3 for i in range(7))
+
+
+def test_a_row_range_reads_only_its_row_groups_and_shards_cross_file_boundaries(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    rows = [conversation(i, 1) for i in range(23)]
+    big = tmp_path / "big.parquet"
+    pq.write_table(pq.read_table(write_instances(rows[:20], big)), big, row_group_size=6)  # groups 0-5, 6-11, 12-17, 18-19
+    assert pq.ParquetFile(big).num_row_groups == 4
+    assert read_row_range(big, 7, 9, ["id"]).column("id").to_pylist() == [row["id"] for row in rows[7:16]]
+    assert read_row_range(big, 18, 2, ["id"]).column("id").to_pylist() == [row["id"] for row in rows[18:20]]
+
+    files = [big, write_instances(rows[20:], tmp_path / "small.parquet")]
+    plan = _plan_slices([20, 3], files, 8)
+    assert plan == [[(str(big), 0, 8)], [(str(big), 8, 8)], [(str(big), 16, 4), (str(files[1]), 0, 3)]]
+    read = [[row_id for file, start, length in shard for row_id in read_row_range(file, start, length, ["id"]).column("id").to_pylist()]
+            for shard in plan]
+    assert read == [[row["id"] for row in rows[i : i + 8]] for i in range(0, 23, 8)]

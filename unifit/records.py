@@ -136,17 +136,17 @@ def count_rows(files: Iterable[str | Path]) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
 
 
-def stream_parquet(files: Iterable[str | Path], columns: list[str]) -> Any:
-    """A Ray Dataset over the files' rows in file order (order preserved through every later transform).
-
-    Order matters downstream: score shards and training batches are defined by position, and resume needs
-    the same positions on every run.
-    """
-    import ray.data
-
-    dataset = ray.data.read_parquet([str(file) for file in files], columns=columns, partitioning=None)
-    dataset.context.execution_options.preserve_order = True
-    return dataset
+def read_row_range(file: str | Path, start: int, length: int, columns: list[str]) -> pa.Table:
+    """Rows [start, start + length) of a parquet file, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(file)
+    groups, first_row, row = [], 0, 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if row < start + length and row + rows > start:
+            first_row = row if not groups else first_row
+            groups.append(group)
+        row += rows
+    return parquet.read_row_groups(groups, columns=columns).slice(start - first_row, length)
 
 
 def write_instances(instances: Iterable[Instance | dict[str, Any]], path: str | Path) -> Path:

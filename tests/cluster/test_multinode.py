@@ -101,10 +101,8 @@ def test_generation_sharded_over_two_nodes_matches_one_process(two_nodes: str, c
     assert all(c.finish_reason != "error" for c in sharded)
 
 
-def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, cache_dir: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, cache_dir: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
-    import ray.data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unifit.models import resolve_model_dir
@@ -119,12 +117,8 @@ def test_ifd_scoring_sharded_over_two_nodes_matches_one_process(two_nodes: str, 
                           {"role": "assistant", "content": f"Because {topic} is part of how the internet stays trustworthy."}]}
             for n, topic in enumerate(("DNS", "PKI", "SPF", "DKIM", "BGP", "TLS"))]
     ensure_ray(ClusterConfig(address=two_nodes))
-    # Both actors up before the first shard is handed out: else the first one ready may score every shard. No CPU held
-    # by the actors, so both start at once and each one-CPU node keeps its CPU for Ray Data's read and re-cut tasks
-    # (half a CPU each would leave half a CPU per node: too little for either task).
-    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     write_parquet(rows, tmp_path / "instances.parquet")
-    counts = score_sharded(tmp_path / "instances.parquet", tmp_path / "scores", model_dir=model_dir, actors=2, cpus_per_actor=0, gpus_per_actor=0,
+    counts = score_sharded(tmp_path / "instances.parquet", tmp_path / "scores", model_dir=model_dir, actors=2, cpus_per_actor=1, gpus_per_actor=0,
                            dtype="float32", max_length=512, max_tokens_per_batch=256, shard_size=2)
 
     placement = {key: counts[key] for key in ("shards", "shards_computed", "shards_reused", "nodes")}

@@ -151,17 +151,14 @@ def test_sbatch_on_two_nodes_joins_a_worker_by_srun_and_scores_on_both(slurm_two
     actors run on both nodes, the scores equal the single-node smoke run's, and teardown leaves nothing."""
     env, directory = slurm_two_nodes
     ray_dir = directory / "ray"
-    # One CPU per Ray node, kept for Ray Data's read and re-cut tasks: the two scoring actors hold no CPU, so both start at
-    # once and Ray Data's SPREAD placement puts one on each node; Ray Data waits until both are up before handing out
-    # shards (else the first one ready may score them all).
+    # One CPU per Ray node and one per scoring actor: each node holds exactly one actor.
     env = {**env, "UNIFIT_RAY_TMPDIR": str(ray_dir), "WANDB_MODE": "disabled", "UNIFIT_CACHE": str(smoke_run.completion_cache),
-           "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_START_ARGS": "--object-store-memory=300000000",
-           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
+           "UNIFIT_RAY_CPUS": "1", "UNIFIT_RAY_START_ARGS": "--object-store-memory=300000000"}
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     shutil.copytree(smoke_run.run_dir, run_dir)  # the smoke run's scoring model and instances; score again
     shutil.rmtree(run_dir / "score")
     job = _submit(env, output, "+experiment=smoke", "cluster=slurm_cpu", f"run_dir={run_dir}", "wandb.mode=disabled",
-                  "stages=[score]", "cluster.cpus_per_actor=0", nodes=2)
+                  "stages=[score]", "cluster.cpus_per_actor=1", nodes=2)
     log = _wait(env, job, output, 600)
 
     assert "unifit.sbatch: driver exited with status 0" in log, log[-4000:]

@@ -50,7 +50,9 @@ def assert_same_scores(a: dict[str, dict], b: dict[str, dict], tol: float) -> No
 
 @pytest.fixture()
 def run_dir(tmp_path: Path, cache_dir: Path) -> Path:
-    write_instances(instances(), tmp_path / "generate" / "instances" / "shard-00000.parquet")
+    rows = instances()  # two files of 3 and 7 rows, so the second score shard (4 rows) spans both
+    write_instances(rows[:3], tmp_path / "generate" / "instances" / "shard-00000.parquet")
+    write_instances(rows[3:], tmp_path / "generate" / "instances" / "shard-00001.parquet")
     (tmp_path / "train_scorer").mkdir()
     os.symlink(resolve_model_dir(tiny_model_config("llama"), cache_dir), tmp_path / "train_scorer" / "model")
     return tmp_path

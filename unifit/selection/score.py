@@ -1,13 +1,12 @@
-"""IFD scoring of the whole dataset, streamed: Ray Data reads the instance shards, an actor pool scores them.
+"""IFD scoring of the whole dataset: Ray Data hands shards out to an actor pool that scores them.
 
-The instances are cut into fixed shards (file order, `shard_size` rows). The driver reads only their ids:
-it finds which shards already exist with exactly the expected ids, and Ray Data streams the others from
-parquet (`read_parquet` → drop the rows of finished shards → blocks of exactly `shard_size` rows, in order)
-to actors that load the scoring model once and write `shard-XXXXX.parquet` themselves, atomically. So an
-interrupted scoring run resumes where it stopped, and no conversation passes through the driver. Actors get
-everything through constructor arguments (no module globals inside workers). CPU actors never all start
-at once when they would hold every CPU: a pool that takes every CPU downstream of Ray Data's read tasks
-starves them and hangs (see `_pool_sizes`).
+The instances are cut into fixed shards (file order, `shard_size` rows). The driver reads only their ids and
+the files' row counts: it finds which shards already exist with exactly the expected ids and queues one work
+order per missing shard (its index; where its rows lie travels in the actors' constructor arguments). An actor
+loads the scoring model once, then for each order reads that shard's rows from the instance files itself,
+scores them and writes `shard-XXXXX.parquet`, atomically. So an interrupted scoring run resumes where it
+stopped, no conversation passes through the driver or the object store, and no Ray Data task competes with
+the actors for CPUs. Actors get everything through constructor arguments (no module globals inside workers).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from unifit.records import parquet_files, read_column, remove_stale_shards, shard_path, stream_parquet, write_parquet
+from unifit.records import (count_rows, parquet_files, read_column, read_row_range, remove_stale_shards, shard_path,
+                             write_parquet)
 from unifit.selection.ifd import IFDCost
 
 SCORE_SCHEMA = pa.schema([
@@ -43,25 +43,50 @@ def _shard_done(path: Path, ids: list[str]) -> bool:
     return path.exists() and pq.read_table(path, columns=["id"]).column("id").to_pylist() == ids
 
 LOADS_DIR = ".loads"
+SCORERS_START_TIMEOUT_S = 1800  # every scoring actor loads its model before the first shard; a 7B model from a slow disk
 COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
 
 
 class ShardBoundaryError(RuntimeError):
-    """A block handed to a scorer is not exactly one shard (Ray Data re-cut or reordered the stream)."""
+    """The rows at a shard's place in the instance files are not the ones planned (the files changed under the run)."""
+
+
+Slice = tuple[str, int, int]  # (parquet file, first row, rows)
+
+
+def _plan_slices(row_counts: Sequence[int], files: Sequence[Path], shard_size: int) -> list[list[Slice]]:
+    """Where each shard's rows lie: shard i is rows [i*shard_size, (i+1)*shard_size) of the files read in order."""
+    slices: list[list[Slice]] = []
+    current: list[Slice] = []
+    room = shard_size
+    for file, rows in zip(files, row_counts):
+        row = 0
+        while row < rows:
+            take = min(room, rows - row)
+            current.append((str(file), row, take))
+            row, room = row + take, room - take
+            if not room:
+                slices.append(current)
+                current, room = [], shard_size
+    if current:
+        slices.append(current)
+    return slices
 
 
 class ShardScorer:
-    """Ray Data actor: loads the scoring model once, then scores and writes whole shards (one block each).
+    """Ray Data actor: loads the scoring model once, then reads, scores and writes whole shards, one per call.
 
-    `shards`: first id -> (shard index, last id, rows) of every shard to score; a block is written only if
-    it matches one exactly, so a stream cut differently can never write rows under the wrong shard. Each actor
-    leaves one empty file in `out_dir/.loads/` once its model is loaded: the stage counts its model loads there,
-    whichever node the actor ran on and whether or not it was handed a block.
+    `shards`: shard index -> (its slices of the instance files, first id, last id, rows). Each call gets one
+    shard index and reads that shard's rows from the files itself, so no conversation passes through the
+    driver or the object store. Each actor leaves one empty file in `out_dir/.loads/` once its model is
+    loaded: the stage counts its model loads there, whichever node the actor ran on and whether or not it
+    was handed a shard.
     """
 
     def __init__(self, model_dir: str, out_dir: str, device: str, dtype: str, max_length: int,
-                 max_tokens_per_batch: int, shards: dict[str, tuple[int, str, int]], chat_template: Optional[str] = None,
-                 trust_remote_code: bool = False, pad_token: Optional[str] = None) -> None:
+                 max_tokens_per_batch: int, shards: dict[int, tuple[list[Slice], str, str, int]],
+                 chat_template: Optional[str] = None, trust_remote_code: bool = False,
+                 pad_token: Optional[str] = None) -> None:
         import ray
 
         from unifit.config import ModelConfig
@@ -79,17 +104,25 @@ class ShardScorer:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.shards = shards
 
-    def __call__(self, block: pa.Table) -> dict[str, Any]:
+    def _rows(self, shard: int) -> list[dict[str, Any]]:
+        slices, first, last, count = self.shards[shard]
+        rows = pa.concat_tables([read_row_range(file, start, length, ["id", "leaf_id", "concept_path", "messages"])
+                                 for file, start, length in slices]).to_pylist()
+        if len(rows) != count or rows[0]["id"] != first or rows[-1]["id"] != last:
+            raise ShardBoundaryError(f"shard {shard}: expected {count} rows {first}..{last} at "
+                                     f"{[f'{Path(f).name}[{s}:{s + n}]' for f, s, n in slices]}, found {len(rows)} rows "
+                                     f"{rows[0]['id'] if rows else ''}..{rows[-1]['id'] if rows else ''}: the instance "
+                                     "files changed during scoring; run the score stage again")
+        return rows
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         from unifit.selection.ifd import IFDCost, score_conversations
 
         start = time.perf_counter()
-        rows = block.to_pylist()
-        first, last = rows[0]["id"], rows[-1]["id"]
-        if first not in self.shards or self.shards[first][1:] != (last, len(rows)):
-            raise ShardBoundaryError(f"a block of {len(rows)} rows ({first}..{last}) is not one IFD score shard")
-        shard = self.shards[first][0]
+        (shard,) = (int(value) for value in batch["shard"])
+        rows = self._rows(shard)
         cost = IFDCost()
         scores = score_conversations(self.model, self.tokenizer, [row["messages"] for row in rows],
                                      max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
@@ -103,31 +136,13 @@ class ShardScorer:
         return {key: np.asarray(value) for key, value in done.items()}
 
 
-def _drop_ids(ids: frozenset[str]) -> Any:
-    """A Ray Data batch function that removes the rows whose id is in `ids` (the finished shards' rows)."""
-    import pyarrow.compute as pc
-
-    excluded = pa.array(sorted(ids), type=pa.string())
-
-    def drop(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=excluded)))
-
-    return drop
-
-
-def _pool_sizes(wanted: int, cpus_per_actor: float, gpus_per_actor: float) -> tuple[int, int]:
-    """(min, max) actors of the scoring pool.
-
-    GPU actors leave the CPUs to Ray Data's read and re-cut tasks, so all of them start before the first shard is
-    handed out (else the first one ready may score every shard). CPU actors start only as many as leave one CPU of
-    the cluster to those tasks; the pool grows from there while they are fed.
-    """
+def _pool_size(wanted: int, cpus_per_actor: float) -> int:
+    """Scoring actors to start: `wanted`, or as many as the cluster's CPUs hold when each actor needs CPUs."""
     import ray
 
-    if gpus_per_actor > 0 or cpus_per_actor <= 0:
-        return wanted, wanted
-    spare = ray.cluster_resources().get("CPU", 0.0) - 1
-    return max(1, min(wanted, int(spare // cpus_per_actor))), wanted
+    if cpus_per_actor <= 0:
+        return wanted
+    return max(1, min(wanted, int(ray.cluster_resources().get("CPU", 0.0) // cpus_per_actor)))
 
 
 def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
@@ -160,26 +175,24 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
     n_shards, nodes = len(shards), 0
     cost = IFDCost()
     if todo:
-        todo_set = set(todo)
-        finished = frozenset(i for index, shard in enumerate(shards) if index not in todo_set for i in shard)
-        bounds = {shards[index][0]: (index, shards[index][-1], len(shards[index])) for index in todo}
+        slices = _plan_slices([count_rows([file]) for file in files], files, shard_size)
+        plan = {index: (slices[index], shards[index][0], shards[index][-1], len(shards[index])) for index in todo}
         del ids, shards
         on_gpu = gpus_per_actor > 0
         constructor = dict(model_dir=str(model_dir), out_dir=str(out_dir), device="cuda" if on_gpu else "cpu",
                            dtype=dtype if on_gpu else "float32", max_length=max_length,
-                           max_tokens_per_batch=max_tokens_per_batch, shards=bounds, chat_template=chat_template,
+                           max_tokens_per_batch=max_tokens_per_batch, shards=plan, chat_template=chat_template,
                            trust_remote_code=trust_remote_code, pad_token=pad_token)
-        dataset = stream_parquet(files, ["id", "leaf_id", "concept_path", "messages"])
-        if finished:
-            dataset = dataset.map_batches(_drop_ids(finished), batch_format="pyarrow", batch_size=None)
-        least, most = _pool_sizes(min(actors, len(todo)), cpus_per_actor, gpus_per_actor)
-        # One shard in flight per actor: Ray Data would otherwise queue several shards on the first actor ready,
-        # leaving the others idle (a shard is minutes of work; there is nothing to pipeline).
-        pool = ray.data.ActorPoolStrategy(min_size=least, max_size=most, max_tasks_in_flight_per_actor=1)
-        scored = dataset.repartition(target_num_rows_per_block=shard_size, strict=True).map_batches(
-            ShardScorer, batch_size=None, batch_format="pyarrow", compute=pool, fn_constructor_kwargs=constructor,
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-        ).take_all()
+        # The work orders are all queued before any actor is ready, and Ray Data starts the whole pool before handing
+        # the first one out, so every actor gets a shard while shards remain; one shard in flight per actor keeps the
+        # rest queued for whichever actor finishes first.
+        orders = ray.data.from_items([{"shard": index} for index in todo], override_num_blocks=len(todo))
+        orders.context.wait_for_min_actors_s = SCORERS_START_TIMEOUT_S
+        pool = ray.data.ActorPoolStrategy(size=_pool_size(min(actors, len(todo)), cpus_per_actor),
+                                          max_tasks_in_flight_per_actor=1)
+        scored = orders.map_batches(ShardScorer, batch_size=1, batch_format="numpy", compute=pool,
+                                    fn_constructor_kwargs=constructor, num_cpus=cpus_per_actor,
+                                    num_gpus=gpus_per_actor).take_all()
         if sorted(row["shard"] for row in scored) != todo:
             raise ShardBoundaryError(f"{out_dir}: scored shards {sorted(row['shard'] for row in scored)}, expected {todo}")
         nodes = len({row["node"] for row in scored})
