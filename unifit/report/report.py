@@ -230,12 +230,8 @@ def _ifeval_blocks(runs: Sequence[RunData]) -> list[Block]:
         scored = run.ifeval["models"]
         rows = [[f"{run.label}: {m}" if len(runs) > 1 else m, *[_pct(r[level]) for level in LEVELS]] for m, r in scored.items()]
         first = next(iter(scored.values()))
-        unavailable = sum(first["unavailable"].values())
         blocks.append(("p", f"{run.label}: the first {run.ifeval['n_prompts']} of Google's 541 IFEval prompts, answers of at most "
-                            f"{run.ifeval['max_new_tokens']} tokens; {first['n_instructions_scored']} instructions checked by rule. "
-                            + (f"{unavailable} instructions ({', '.join(sorted(first['unavailable']))}) need NLTK's punkt data, "
-                               f"which is not installed, and are left out ({first['n_prompts_scored']} prompts fully checked)."
-                               if unavailable else "")))
+                            f"{run.ifeval['max_new_tokens']} tokens; {first['n_instructions_scored']} instructions checked by rule."))
         blocks.append(("table", ["model", "prompt-level strict", "instruction-level strict", "prompt-level loose", "instruction-level loose"], rows))
     return blocks
 
