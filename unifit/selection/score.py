@@ -43,7 +43,7 @@ def _shard_done(path: Path, ids: list[str]) -> bool:
     return path.exists() and pq.read_table(path, columns=["id"]).column("id").to_pylist() == ids
 
 LOADS_DIR = ".loads"
-SCORERS_START_TIMEOUT_S = 1800  # every scoring actor loads its model before the first shard; a 7B model from a slow disk
+SCORERS_START_TIMEOUT_S = 1800  # how long Ray Data waits for every scoring actor to load its model (a 7B from a slow disk: minutes)
 COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
 
 
