@@ -167,7 +167,7 @@ def test_client_batches_in_input_order_and_refuses_choose_without_backend_suppor
     client = _client(CountingModel(), None, batch_size=2)
     assert [c.text for c in client.complete(conversations, GenerationParams(seed=4))] == [f"q{i}|4" for i in range(5)]
     assert client.pool.stats.batches == 3 and client.pool.stats.loads == 1
-    with pytest.raises(NotImplementedError, match="CountingModel backend cannot score options"):
+    with pytest.raises(TypeError, match="CountingModel backend cannot score options"):
         client.choose(conversations, ["yes", "no"])
 
 

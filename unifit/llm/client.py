@@ -143,10 +143,14 @@ class ModelClient:
         return [found[key] for key in keys]
 
     def choose(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[Choice]:
-        """For each conversation, which of `options` the model finds most likely as the reply (with every option's probability)."""
+        """For each conversation, which of `options` the model finds most likely as the reply (with every option's probability).
+
+        Every backend (hf, vllm, openai) has `choose`; a scripted backend object without one is refused here, in the
+        driver, rather than failing inside an actor. Callers read `offers_choice` first and use free-text verdicts
+        when it is false."""
         if not hasattr(self.pool.backend_class, "choose"):
-            raise NotImplementedError(f"{self.name}: the {self.pool.backend_class.__name__} backend cannot score options "
-                                      f"(it has no `choose`); judge with free-text verdicts instead")
+            raise TypeError(f"{self.name}: the {self.pool.backend_class.__name__} backend cannot score options "
+                            f"(it has no `choose`); judge with free-text verdicts instead")
         log.info("%s: choosing among %d options for %d conversations", self.desc, len(options), len(conversations))
         choices = self._run("choose", [list(c) for c in conversations], list(options))
         self.stats.computed += len(conversations)
