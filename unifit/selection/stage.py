@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unifit.config import DataConfig, ModelConfig
 import pyarrow.parquet as pq
 
+from unifit.config import DataConfig, ModelConfig
 from unifit.records import count_rows, parquet_files, read_column, read_parquet, write_rows_by_id
 from unifit.selection.pithy import count_groups, plot_ifd_histogram, scope_of, select_pithy
 from unifit.selection.sample import draw_sample
