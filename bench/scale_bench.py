@@ -112,8 +112,7 @@ class Watcher:
     def poll(self) -> None:
         self.driver = max(self.driver, _kib(_status(self.pid), "VmHWM"))
         try:
-            times = psutil.Process(self.pid).cpu_times()
-            self.driver_cpu = times.user + times.system
+            self.driver_cpu = cpu_seconds(self.pid)
         except psutil.Error:
             pass
         try:
