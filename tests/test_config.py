@@ -114,3 +114,14 @@ def test_training_batch_split_is_checked_before_a_run_that_trains() -> None:
     with pytest.raises(ConfigError, match="6 is not a multiple.*use e.g. train.global_batch_size=8"):
         uneven.check_before_run()
     UnifitConfig(train=uneven.train, cluster=uneven.cluster, stages=["generate", "sample"]).check_before_run()  # no training: fine
+
+
+def test_cyber_500k_does_not_inherit_the_cpu_demo_settings() -> None:
+    """conf/config.yaml tunes generation, Self-Instruct and IFEval for a 135M model on 2 cores; the paper's run
+    must not generate 7B answers under a 192-token cap or stop its baseline at 6 instances."""
+    demo, paper = compose_config([]), compose_config(["+experiment=cyber_500k"])
+    assert (demo.backend.max_new_tokens, demo.generate.self_instruct.target, demo.evaluate.ifeval_prompts) == (192, 6, 8)
+    assert paper.backend.max_new_tokens == 1024 and paper.backend.temperature == 0.7 and paper.backend.repetition_penalty == 1.1
+    assert paper.generate.leaf_mode == "joint" and paper.generate.answer_system_prompt == ""
+    assert paper.generate.self_instruct.target == 0 and paper.generate.self_instruct.max_rounds == 50
+    assert paper.evaluate.ifeval_prompts == 541 and paper.evaluate.ifeval_max_new_tokens == 512

@@ -201,6 +201,44 @@ def test_client_forwards_choose_in_input_order(tiny_model_cfg, cache_dir: Path, 
     assert choices[0].probs == pytest.approx((0.05, 0.9, 0.05)) and pool.stats.loads == 2
 
 
+class SlowModel(CountingModel):
+    """A backend object that takes `DELAY_S` per batch and names the process (the actor) that answered."""
+
+    DELAY_S = 1.0
+
+    def complete(self, conversations: Any, params: GenerationParams) -> list[Completion]:
+        import time
+
+        time.sleep(self.DELAY_S)
+        return [Completion(f"{c[-1]['content']}|{os.getpid()}", "stop", 1) for c in conversations]
+
+
+def test_concurrent_calls_share_the_pool_each_batch_on_the_least_busy_actor(ray_local: None) -> None:
+    """Two stage steps calling one client at once (a batch each) run on the two actors, not queued on one."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import cloudpickle
+
+    from unifit.llm.actors import ActorPool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    pool = ActorPool(SlowModel, SlowModel, max_actors=2, resources={"num_cpus": 1})
+    client = ModelClient("slow", "slow-v1", pool, batch_size=1)
+    try:
+        client.complete([[{"role": "user", "content": "warm-up 1"}], [{"role": "user", "content": "warm-up 2"}]], GenerationParams())
+        pool.wait_ready()
+        with ThreadPoolExecutor(max_workers=2) as threads:
+            calls = [threads.submit(client.complete, [[{"role": "user", "content": f"step {i}"}]], GenerationParams()) for i in range(2)]
+            replies = [call.result()[0].text for call in calls]
+    finally:
+        pool.close()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert [r.split("|")[0] for r in replies] == ["step 0", "step 1"]
+    assert len({r.split("|")[1] for r in replies}) == 2, "both batches went to one actor while the other was idle"
+    assert pool.stats.loads == 2 and pool.stats.batches == 4 and client.stats.calls == 3 and pool.unfinished == 0
+
+
 def _run_config(tiny_model_cfg, cache: Path, cache_dir: Path, actors: int, use_cache: bool = True):
     from unifit.config import BackendConfig, ClusterConfig, UnifitConfig
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from unifit.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
 
+_STARTING = threading.Lock()  # a stage's steps that run at once (threads) must not each start a Ray of their own
+
+
 def ensure_ray(cluster: ClusterConfig) -> None:
+    with _STARTING:
+        _ensure_ray(cluster)
+
+
+def _ensure_ray(cluster: ClusterConfig) -> None:
     import ray
 
     if ray.is_initialized():

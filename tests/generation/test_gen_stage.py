@@ -117,6 +117,18 @@ def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
     assert rerun.calls == []
 
 
+def test_a_fixed_self_instruct_target_is_built_beside_the_tree_with_the_same_result(tmp_path) -> None:
+    """target > 0 does not wait for the tree's count: the baseline runs in its own thread, on the same generator."""
+    cfg = make_cfg(tmp_path, self_instruct={"enabled": True, "target": 5})
+    model = Scripted()
+    counts = run(context(cfg), model)
+    rows = read_parquet(context(cfg).out_dir / "self_instruct")
+    alone, _ = run_self_instruct(cfg.domain, cfg.generate, Scripted(), GenerationParams.from_backend(cfg.backend, cfg.seed), 5,
+                                 cfg.generation_model.name, cfg.seed)
+    assert counts["self_instruct_instances"] == 5 and [r["messages"] for r in rows] == [i.messages for i in alone]
+    assert any("sub-concepts for" in p for p in model.calls) and any(p.startswith("Here are some example tasks") for p in model.calls)
+
+
 def test_instances_name_the_generator_not_the_base_model(tmp_path) -> None:
     import dataclasses
 

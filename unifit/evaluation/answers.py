@@ -60,22 +60,38 @@ def answer_params(cfg: UnifitConfig) -> GenerationParams:
 def collect_answers(questions: Sequence[dict[str, Any]], answerers: Mapping[str, ChatClient | FreeTextModel],
                     params: GenerationParams, path: Path) -> dict[str, list[str]]:
     """Model name -> answers aligned with `questions`; models already complete in `path` are not asked again
-    (their clients never load a model)."""
+    (their clients never load a model).
+
+    The models still missing answer at once, one thread each: each is served by its own actors, so a call too
+    small to fill the cluster (a few questions, one batch) leaves the cores to the other models instead of idle.
+    Each model's answers are saved as soon as it finishes (the unit of resume); a model that fails does not
+    lose the others' answers.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     ids = [q["question_id"] for q in questions]
-    rows = read_parquet(path) if path.exists() else []
-    done: dict[str, dict[str, str]] = {}
-    for row in rows:
-        done.setdefault(row["model"], {})[row["question_id"]] = row["answer"]
-    rows = [r for r in rows if r["model"] in answerers and set(ids) <= set(done[r["model"]])]  # drop partial/foreign models
+    done: dict[str, dict[str, tuple[str, str]]] = {}  # model -> question id -> (answer, finish_reason)
+    for row in read_parquet(path) if path.exists() else []:
+        done.setdefault(row["model"], {})[row["question_id"]] = (row["answer"], row["finish_reason"])
+    done = {name: answers for name, answers in done.items() if name in answerers and set(ids) <= set(answers)}  # drop partial/foreign models
     conversations: list[Conversation] = [[{"role": "user", "content": q["question"]}] for q in questions]
-    for name, answerer in answerers.items():
-        if name in done and set(ids) <= set(done[name]):
-            continue
-        completions = as_client(answerer).complete(conversations, params)
-        if len(completions) != len(questions):
-            raise RuntimeError(f"model {name!r}: got {len(completions)} answers for {len(questions)} questions")
-        rows += [{"question_id": qid, "model": name, "answer": c.text, "finish_reason": c.finish_reason}
-                 for qid, c in zip(ids, completions)]
-        write_parquet(rows, path, ANSWER_SCHEMA)  # after each model: the unit of resume
-        done[name] = {qid: c.text for qid, c in zip(ids, completions)}
-    return {name: [done[name][qid] for qid in ids] for name in answerers}
+    pending = [name for name in answerers if name not in done]
+    if pending:
+        with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="answers") as executor:
+            futures = {executor.submit(as_client(answerers[name]).complete, conversations, params): name for name in pending}
+            errors: list[BaseException] = []
+            for future in as_completed(futures):
+                name = futures[future]
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                    continue
+                completions = future.result()
+                if len(completions) != len(questions):
+                    raise RuntimeError(f"model {name!r}: got {len(completions)} answers for {len(questions)} questions")
+                done[name] = {qid: (c.text, c.finish_reason) for qid, c in zip(ids, completions)}
+                rows = [{"question_id": qid, "model": model, "answer": done[model][qid][0], "finish_reason": done[model][qid][1]}
+                        for model in answerers if model in done for qid in ids]
+                write_parquet(rows, path, ANSWER_SCHEMA)
+        if errors:
+            raise errors[0]
+    return {name: [done[name][qid][0] for qid in ids] for name in answerers}

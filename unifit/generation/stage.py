@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -136,20 +137,26 @@ def run(ctx: StageContext, generator: Optional[ChatClient | FreeTextModel] = Non
     params = GenerationParams.from_backend(cfg.backend, cfg.seed)
     out_dir = ctx.out_dir
 
-    tree = load_or_build_tree(cfg, out_dir, generator, params)
-    if not (out_dir / "tree.png").exists():
-        draw_tree(tree, out_dir / "tree.png")
-    raw_shards, leaf_counts = generate_raw_shards(cfg, out_dir, tree, generator, params)
-    dedup_counts = dedup_shards(cfg, raw_shards, out_dir / "instances")
-    report: dict[str, Any] = {
-        "tree": tree.counts,
-        "leaf_counts_per_scope": tree.leaf_counts_per_scope(),
-        "leaf_generation": dict(sorted(leaf_counts.items())),
-        "dedup": dict(dedup_counts),
-        "instances": dedup_counts[KEPT],
-    }
-    if cfg.generate.self_instruct.enabled:
-        report["self_instruct"] = build_self_instruct(cfg, out_dir, generator, params, dedup_counts[KEPT])
+    # A fixed Self-Instruct target does not wait for the tree's count: the baseline is built beside the tree, its
+    # calls sharing the generator's actors with the tree's (a small call leaves actors idle that the other uses).
+    self_instruct = cfg.generate.self_instruct
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="self-instruct") as beside:
+        baseline = (beside.submit(build_self_instruct, cfg, out_dir, generator, params, self_instruct.target)
+                    if self_instruct.enabled and self_instruct.target else None)
+        tree = load_or_build_tree(cfg, out_dir, generator, params)
+        if not (out_dir / "tree.png").exists():
+            draw_tree(tree, out_dir / "tree.png")
+        raw_shards, leaf_counts = generate_raw_shards(cfg, out_dir, tree, generator, params)
+        dedup_counts = dedup_shards(cfg, raw_shards, out_dir / "instances")
+        report: dict[str, Any] = {
+            "tree": tree.counts,
+            "leaf_counts_per_scope": tree.leaf_counts_per_scope(),
+            "leaf_generation": dict(sorted(leaf_counts.items())),
+            "dedup": dict(dedup_counts),
+            "instances": dedup_counts[KEPT],
+        }
+        if self_instruct.enabled:
+            report["self_instruct"] = baseline.result() if baseline else build_self_instruct(cfg, out_dir, generator, params, dedup_counts[KEPT])
     write_json(out_dir / "report.json", report)
     log.info("generate: %d instances from %d leaves (%d near-duplicates dropped)", dedup_counts[KEPT], tree.counts["leaves"],
              dedup_counts[NEAR_DUPLICATES])

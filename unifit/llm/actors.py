@@ -3,11 +3,13 @@
 An `ActorPool` starts its actors on first use and keeps them for every later call, so a stage that asks a model
 a hundred times loads it once per actor. Calls are batches formed by the caller; each batch goes to whichever
 actor is free and comes back under its batch index, so the result does not depend on the number of actors.
+Calls from several threads at once share the actors: every batch goes to the least busy started actor.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 IN_FLIGHT_PER_ACTOR = 2  # one batch running, one queued behind it: no idle gap between batches
+POLL_S = 0.05  # how often a call whose batches wait for a slot held by a concurrent call looks again
 
 
 @dataclass
@@ -61,25 +64,28 @@ class InProcessPool:
         self.in_flight = in_flight
         self.stats = PoolStats()
         self._model: Any = None
+        self._lock = threading.Lock()  # the build and the stats; with in_flight 1, also each batch (concurrent callers)
 
     def map(self, method: str, batches: Sequence[list[Any]], argument: Any) -> Iterator[tuple[int, list[Any]]]:
         """(batch index, result) as batches finish; `call_seconds` counts the wall time with a batch in flight."""
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        if self._model is None:
-            started = time.perf_counter()
-            self._model = self.build()
-            if self.counts_as_load:
-                self.stats.loads += 1
-                self.stats.load_seconds += time.perf_counter() - started
-                self.stats.startup_seconds += time.perf_counter() - started
+        with self._lock:
+            if self._model is None:
+                started = time.perf_counter()
+                self._model = self.build()
+                if self.counts_as_load:
+                    self.stats.loads += 1
+                    self.stats.load_seconds += time.perf_counter() - started
+                    self.stats.startup_seconds += time.perf_counter() - started
         call = getattr(self._model, method)
         if self.in_flight == 1:
             for index, batch in enumerate(batches):
-                started = time.perf_counter()
-                result = list(call(batch, argument))
-                self.stats.call_seconds += time.perf_counter() - started
-                self.stats.batches += 1
+                with self._lock:
+                    started = time.perf_counter()
+                    result = list(call(batch, argument))
+                    self.stats.call_seconds += time.perf_counter() - started
+                    self.stats.batches += 1
                 yield index, result
             return
         queue = deque(enumerate(batches))
@@ -93,9 +99,11 @@ class InProcessPool:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     index = running.pop(future)
-                    self.stats.batches += 1
+                    with self._lock:
+                        self.stats.batches += 1
                     yield index, list(future.result())
-            self.stats.call_seconds += time.perf_counter() - started
+            with self._lock:
+                self.stats.call_seconds += time.perf_counter() - started
 
     @property
     def live_actors(self) -> int:
@@ -117,6 +125,7 @@ class _Actor:
     created_at: float
     placement_group: Any = None
     ready_recorded: bool = False
+    outstanding: int = 0  # batches sent to it and not yet collected, from every concurrent call
 
 
 class ActorPool:
@@ -139,7 +148,11 @@ class ActorPool:
         self.stats = PoolStats()
         self.actors: list[_Actor] = []
         self.last_used = 0.0  # time.time() of the last call: the least recently used idle pool is released first
+        self.active_calls = 0  # `map` calls under way (from concurrent callers): such a pool is never released to make room
+        self.unfinished = 0  # batches of those calls not yet collected: the actors the pool wants
         self.configured = self.per_actor()  # before an owner scales the CPU request down to share the cluster
+        self._lock = threading.Lock()  # the actor list, their outstanding batches and the stats, for concurrent calls
+        self._growing = threading.Lock()  # one call at a time decides how many actors to add
 
     def per_actor(self) -> dict[str, float]:
         """Cluster resources one actor takes (its own, or its placement group's)."""
@@ -169,24 +182,28 @@ class ActorPool:
                     placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
             created = time.time()
             handle = remote_class.options(**options).remote(self.build)
-            self.actors.append(_Actor(handle, handle.ready.remote(), created, group))
+            with self._lock:
+                self.actors.append(_Actor(handle, handle.ready.remote(), created, group))
         log.info("%s: starting %d actor(s), %d in the pool", self.backend_class.__name__, count, len(self.actors))
 
     def _grow(self, wanted: int) -> None:
-        missing = min(wanted, self.max_actors) - len(self.actors)
-        count = self.make_room(self, missing) if missing > 0 and self.make_room else missing
-        if count > 0:
-            self._start(count)
+        """Start actors until `wanted` batches (those of every call under way) have one each, up to `max_actors`."""
+        with self._growing:
+            missing = min(wanted, self.max_actors) - len(self.actors)
+            count = self.make_room(self, missing) if missing > 0 and self.make_room else missing
+            if count > 0:
+                self._start(count)
 
     def _record_ready(self, actor: _Actor) -> None:
         import ray
 
-        if not actor.ready_recorded:
-            load_seconds, ready_at = ray.get(actor.ready_ref)
-            self.stats.loads += 1
-            self.stats.load_seconds += load_seconds
-            self.stats.startup_seconds += max(0.0, ready_at - actor.created_at)
-            actor.ready_recorded = True
+        load_seconds, ready_at = ray.get(actor.ready_ref)
+        with self._lock:
+            if not actor.ready_recorded:
+                self.stats.loads += 1
+                self.stats.load_seconds += load_seconds
+                self.stats.startup_seconds += max(0.0, ready_at - actor.created_at)
+                actor.ready_recorded = True
 
     def wait_ready(self) -> None:
         """Block until every actor has its model loaded (to time start-up apart from serving)."""
@@ -199,38 +216,70 @@ class ActorPool:
         Batches go only to actors that have finished starting: one slow to start (or waiting for a free CPU/GPU)
         holds no batch the others could serve.
         """
+        with self._lock:
+            self.active_calls += 1
+        try:
+            yield from self._map(method, batches, argument)
+        finally:
+            with self._lock:
+                self.active_calls -= 1
+
+    def _map(self, method: str, batches: Sequence[list[Any]], argument: Any) -> Iterator[tuple[int, list[Any]]]:
         import ray
 
         self.last_used = time.time()
-        self._grow(len(batches))
+        with self._lock:
+            self.unfinished += len(batches)
+        self._grow(self.unfinished)
         queue = deque(enumerate(batches))
-        in_flight: dict[Any, tuple[int, int]] = {}  # result ref -> (actor position, batch index)
-        starting = {actor.ready_ref: position for position, actor in enumerate(self.actors) if not actor.ready_recorded}
+        in_flight: dict[Any, tuple[_Actor, int]] = {}  # result ref -> (actor, batch index)
 
-        def submit(position: int) -> None:
-            index, batch = queue.popleft()
-            in_flight[self.actors[position].handle.call.remote(method, batch, argument)] = (position, index)
+        def fill() -> None:
+            """Send waiting batches to the least busy started actors, up to IN_FLIGHT_PER_ACTOR each."""
+            with self._lock:
+                while queue:
+                    free = [actor for actor in self.actors if actor.ready_recorded and actor.outstanding < IN_FLIGHT_PER_ACTOR]
+                    if not free:
+                        return
+                    actor = min(free, key=lambda a: a.outstanding)
+                    index, batch = queue.popleft()
+                    actor.outstanding += 1
+                    in_flight[actor.handle.call.remote(method, batch, argument)] = (actor, index)
 
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            for position, actor in enumerate(self.actors):
-                if queue and actor.ready_recorded:
-                    submit(position)
-        while in_flight or (queue and starting):
-            [done], _ = ray.wait([*in_flight, *(starting if queue else [])], num_returns=1)
-            if done in starting:
-                position = starting.pop(done)
-                self._record_ready(self.actors[position])
-                for _ in range(IN_FLIGHT_PER_ACTOR):
-                    if queue:
-                        submit(position)
-                continue
-            position, index = in_flight.pop(done)
-            result, seconds = ray.get(done)
-            self.stats.call_seconds += seconds
-            self.stats.batches += 1
-            if queue:
-                submit(position)
-            yield index, result
+        try:
+            fill()
+            while in_flight or queue:
+                starting = {actor.ready_ref: actor for actor in self.actors if not actor.ready_recorded} if queue else {}
+                if not in_flight and not starting:  # every slot is held by concurrent calls: look again shortly
+                    time.sleep(POLL_S)
+                    fill()
+                    continue
+                # while batches wait, look again every POLL_S: a concurrent call's batch may free a slot meanwhile
+                done, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=POLL_S if queue else None)
+                if not done:
+                    fill()
+                    continue
+                if done[0] in starting:
+                    self._record_ready(starting[done[0]])
+                    fill()
+                    continue
+                actor, index = in_flight.pop(done[0])
+                try:
+                    result, seconds = ray.get(done[0])
+                finally:
+                    with self._lock:
+                        actor.outstanding -= 1
+                        self.unfinished -= 1
+                with self._lock:
+                    self.stats.call_seconds += seconds
+                    self.stats.batches += 1
+                fill()
+                yield index, result
+        finally:  # a call left early (an error, or its consumer stopped) frees the slots its batches held
+            with self._lock:
+                for actor, _ in in_flight.values():
+                    actor.outstanding -= 1
+                self.unfinished -= len(in_flight) + len(queue)
 
     def close(self) -> None:
         """Kill the actors (their models leave memory now, not when Ray collects the handles) and their placement groups."""

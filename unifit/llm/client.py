@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -110,6 +111,7 @@ class ModelClient:
         self.cache = cache
         self.desc = desc
         self.stats = ClientStats()
+        self._count = threading.Lock()  # stats, for callers in several threads (a stage running independent steps at once)
 
     def _run(self, method: str, conversations: list[Conversation], argument: Any) -> list[Any]:
         """Batches of `batch_size` in input order, spread over the pool, results put back in input order."""
@@ -117,7 +119,8 @@ class ModelClient:
 
         batches = [conversations[s : s + self.batch_size] for s in range(0, len(conversations), self.batch_size)]
         results: list[list[Any]] = [[] for _ in batches]
-        self.stats.calls += 1
+        with self._count:
+            self.stats.calls += 1
         with tqdm(total=len(conversations), desc=self.desc, unit="conv", leave=False) as progress:
             for index, result in self.pool.map(method, batches, argument):
                 if len(result) != len(batches[index]):
@@ -132,11 +135,13 @@ class ModelClient:
         keys = [completion_key(self.identity, c, params) for c in conversations]
         found = self.cache.get_many(keys) if self.cache else {}
         missing = [i for i, key in enumerate(keys) if key not in found]
-        self.stats.cached += len(conversations) - len(missing)
+        with self._count:
+            self.stats.cached += len(conversations) - len(missing)
         if missing:
             log.info("%s: %d of %d conversations not cached", self.desc, len(missing), len(conversations))
             new = dict(zip((keys[i] for i in missing), self._run("complete", [conversations[i] for i in missing], params)))
-            self.stats.computed += len(missing)
+            with self._count:
+                self.stats.computed += len(missing)
             if self.cache:
                 self.cache.put_many({key: c for key, c in new.items() if c.finish_reason != "error"})
             found.update(new)
@@ -153,7 +158,8 @@ class ModelClient:
                             f"(it has no `choose`); judge with free-text verdicts instead")
         log.info("%s: choosing among %d options for %d conversations", self.desc, len(options), len(conversations))
         choices = self._run("choose", [list(c) for c in conversations], list(options))
-        self.stats.computed += len(conversations)
+        with self._count:
+            self.stats.computed += len(conversations)
         return choices
 
 
@@ -166,6 +172,7 @@ class ModelClients:
         self.pools: dict[str, Pool] = {}
         self.kinds: dict[str, str] = {}  # pool key -> "model" | "engine" | "endpoint"
         self.clients: list[ModelClient] = []
+        self._room = threading.Lock()  # pools that start actors from concurrent calls size themselves one at a time
 
     def connect(self, model_cfg: ModelConfig, backend: BackendConfig, desc: str = "generate") -> ModelClient:
         """A client for `model_cfg` served by `backend`; nothing loads until the first call that misses the cache."""
@@ -199,6 +206,10 @@ class ModelClients:
         Only a pool that still does not fit (more GPU models than GPUs, or a pool connected after the others
         started) releases idle pools, least recently used first; such reloads show in `model_loads`.
         """
+        with self._room:
+            return self._make_room(pool, wanted)
+
+    def _make_room(self, pool: ActorPool, wanted: int) -> int:
         import ray
 
         total = ray.cluster_resources()
@@ -213,7 +224,8 @@ class ModelClients:
             free = {key: total.get(key, 0.0) - sum(p.held().get(key, 0.0) for p in self.pools.values()) for key in need}
             return min((free[key] // value for key, value in need.items() if value > 0), default=float("inf"))
 
-        others = sorted((p for p in self.pools.values() if p is not pool and p.live_actors), key=lambda p: p.last_used)
+        others = sorted((p for p in self.pools.values() if isinstance(p, ActorPool) and p is not pool and p.live_actors
+                         and not p.active_calls), key=lambda p: p.last_used)
         while fitting() < 1 and others:
             released = others.pop(0)
             log.warning("releasing %d idle %s actor(s) to make room: its model will load again if it is called again",
