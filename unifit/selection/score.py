@@ -145,6 +145,17 @@ def _pool_size(wanted: int, cpus_per_actor: float) -> int:
     return max(1, min(wanted, int(ray.cluster_resources().get("CPU", 0.0) // cpus_per_actor)))
 
 
+def _cpus_per_scorer(actors: int, cpus_per_actor: float) -> float:
+    """CPUs each CPU-only scoring actor asks for: `cpus_per_actor`, or an even share of the CPUs free now when
+    fewer actors than that fill them (fewer shards than actors, a small data set), since Ray gives an actor as many
+    torch threads as CPUs and the rest would sit idle. Never more than the largest node has."""
+    import ray
+
+    largest_node = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+    share = int(ray.available_resources().get("CPU", 0.0) // max(1, actors))
+    return max(cpus_per_actor, float(min(share, int(largest_node))))
+
+
 def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
                   cpus_per_actor: float, gpus_per_actor: float, dtype: str, max_length: int,
                   max_tokens_per_batch: int, shard_size: int, chat_template: Optional[str] = None,
@@ -188,11 +199,11 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
         # rest queued for whichever actor finishes first.
         orders = ray.data.from_items([{"shard": index} for index in todo], override_num_blocks=len(todo))
         orders.context.wait_for_min_actors_s = SCORERS_START_TIMEOUT_S
-        pool = ray.data.ActorPoolStrategy(size=_pool_size(min(actors, len(todo)), cpus_per_actor),
-                                          max_tasks_in_flight_per_actor=1)
+        size = _pool_size(min(actors, len(todo)), cpus_per_actor)
+        pool = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
         scored = orders.map_batches(ShardScorer, batch_size=1, batch_format="numpy", compute=pool,
-                                    fn_constructor_kwargs=constructor, num_cpus=cpus_per_actor,
-                                    num_gpus=gpus_per_actor).take_all()
+                                    fn_constructor_kwargs=constructor, num_gpus=gpus_per_actor,
+                                    num_cpus=cpus_per_actor if on_gpu else _cpus_per_scorer(size, cpus_per_actor)).take_all()
         if sorted(row["shard"] for row in scored) != todo:
             raise ShardBoundaryError(f"{out_dir}: scored shards {sorted(row['shard'] for row in scored)}, expected {todo}")
         nodes = len({row["node"] for row in scored})
