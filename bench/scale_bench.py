@@ -59,6 +59,10 @@ def overrides(instances: int, url: str, run_dir: Path, *, train_steps: int, test
             f"judge_backend.url={url}", "judge_backend.api_model=standin-llm", f"judge_backend.api_key_env={KEY_ENV}",
             "judge.name=standin-llm", "judge.path=standin-llm",
             f"generate.depth={depth}", f"generate.questions_per_leaf={questions}", "generate.self_instruct.target=0",
+            # the settings this bench was measured with (until cyber_500k stopped inheriting them from the CPU demo):
+            # two_step asks each question and each answer in its own request, the most requests per instance
+            "generate.leaf_mode=two_step", "generate.max_retries=1", "generate.self_instruct.max_rounds=3",
+            "evaluate.ifeval_prompts=12", "evaluate.ifeval_max_new_tokens=96",
             "select.max_ifd=2",  # a random model's IFD is ~1: the paper's IFD < 1 cut could keep nothing
             f"train.max_steps={train_steps}", "train.global_batch_size=4", "train.micro_batch_size=4",
             "train.gradient_checkpointing=false", f"evaluate.num_test_questions={test_questions}",
