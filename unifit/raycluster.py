@@ -42,6 +42,13 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the largest live node: the most one actor or worker can ask for and still be scheduled."""
+    import ray
+
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+
+
 def cpus_per_train_worker(cluster: ClusterConfig) -> float:
     """CPUs each Ray Train worker asks for. Ray sets a worker's OMP threads to its CPU count, so a CPU run
     with the default 1 would train on one core of many. A worker lives on one node: never more than the
@@ -50,6 +57,5 @@ def cpus_per_train_worker(cluster: ClusterConfig) -> float:
 
     if cluster.cpus_per_train_worker is not None:
         return cluster.cpus_per_train_worker
-    largest_node = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
     even_share = ray.cluster_resources().get("CPU", 1) // cluster.train_workers
-    return max(1.0, float(int(min(even_share, largest_node))))
+    return max(1.0, float(int(min(even_share, largest_node_cpus()))))

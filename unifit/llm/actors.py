@@ -197,8 +197,10 @@ class ActorPool:
     def _record_ready(self, actor: _Actor) -> None:
         import ray
 
+        if actor.ready_recorded:
+            return
         load_seconds, ready_at = ray.get(actor.ready_ref)
-        with self._lock:
+        with self._lock:  # another call may have recorded it while this one waited
             if not actor.ready_recorded:
                 self.stats.loads += 1
                 self.stats.load_seconds += load_seconds

@@ -151,9 +151,10 @@ def _cpus_per_scorer(actors: int, cpus_per_actor: float) -> float:
     torch threads as CPUs and the rest would sit idle. Never more than the largest node has."""
     import ray
 
-    largest_node = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+    from unifit.raycluster import largest_node_cpus
+
     share = int(ray.available_resources().get("CPU", 0.0) // max(1, actors))
-    return max(cpus_per_actor, float(min(share, int(largest_node))))
+    return max(cpus_per_actor, float(min(share, int(largest_node_cpus()))))
 
 
 def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | Path, *, model_dir: str | Path, actors: int,
