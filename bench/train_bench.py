@@ -61,7 +61,7 @@ def model_config(name: str) -> Any:
     return ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
 
 
-def run_unifit(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, packing: bool, out: Path) -> dict[str, Any]:
+def run_unifit(model_cfg: Any, instances: Path, args: argparse.Namespace, packing: bool, out: Path) -> dict[str, Any]:
     from unifit.config import ClusterConfig, DeepSpeedConfig, TrainConfig, UnifitConfig, WandbConfig
     from unifit.training.sft import run_sft
 
@@ -76,24 +76,26 @@ def run_unifit(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.N
             "loop_seconds": metrics["loop_seconds"], "train_seconds": metrics["train_seconds"], "rows": metrics["rows"]}
 
 
-def run_hf_trainer_fresh(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_hf_trainer_fresh(model_cfg: Any, padded_run: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """`run_hf_trainer` in a newly spawned process: the same cold start the Ray Train worker has."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_hf_trainer, model_cfg, instances, args, out).result()
+        return pool.submit(run_hf_trainer, model_cfg, padded_run, args, out).result()
 
 
-def run_hf_trainer(model_cfg: Any, instances: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The baseline: HF `Trainer`, same tokenization, batch size and data (one epoch, padded)."""
+def run_hf_trainer(model_cfg: Any, padded_run: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The baseline: HF `Trainer` on the rows UNIFIT's padded run trained on (same tokenization, batch size, data and
+    order; one epoch, padded)."""
     import torch
     from transformers import Trainer, TrainingArguments
 
     from unifit.models import load_model, load_tokenizer
-    from unifit.training.data import collate, encode_instances, shuffled
+    from unifit.records import read_parquet
+    from unifit.training.data import collate
+    from unifit.training.rows import ROWS_DIR
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(model_cfg, model_cfg_cache())
-    examples, _ = encode_instances(tokenizer, instances, model_cfg.max_length)
-    rows = shuffled(examples, seed=0)
+    rows = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in read_parquet(padded_run / ROWS_DIR)]
     counted = {"tokens": 0, "positions": 0}
 
     def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,21 +126,22 @@ def model_cfg_cache() -> str:
 
 
 def cpu_bench(args: argparse.Namespace) -> None:
-    from unifit.raycluster import ensure_ray
     from unifit.config import ClusterConfig
+    from unifit.raycluster import ensure_ray
+    from unifit.records import write_parquet
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model_cfg = model_config(args.model)
     model_cfg.max_length = args.max_length
-    instances = conversations(args.conversations, seed=0)
     runs: dict[str, list[dict[str, Any]]] = {"unifit_packed": [], "unifit_padded": [], "hf_trainer_padded": []}
     with tempfile.TemporaryDirectory(prefix="unifit-train-bench-") as tmp:
+        instances = write_parquet(conversations(args.conversations, seed=0), Path(tmp) / "instances.parquet")
         ensure_ray(ClusterConfig(num_cpus=args.threads, object_store_memory_gb=1))
         for repeat in range(args.repeats):  # alternated: this box's speed drifts by tens of percent over minutes
             runs["unifit_packed"].append(run_unifit(model_cfg, instances, args, True, Path(tmp) / f"packed{repeat}"))
             runs["unifit_padded"].append(run_unifit(model_cfg, instances, args, False, Path(tmp) / f"padded{repeat}"))
-            runs["hf_trainer_padded"].append(run_hf_trainer_fresh(model_cfg, instances, args, Path(tmp) / f"hf{repeat}"))
+            runs["hf_trainer_padded"].append(run_hf_trainer_fresh(model_cfg, Path(tmp) / f"padded{repeat}", args, Path(tmp) / f"hf{repeat}"))
     best = {name: max(run["tokens_per_second"] for run in each) for name, each in runs.items()}
     packed, padded, hf = best["unifit_packed"], best["unifit_padded"], best["hf_trainer_padded"]
     report = {"model": args.model, "conversations": args.conversations, "epochs": 1, "micro_batch": args.batch,

@@ -39,6 +39,26 @@ def test_random_models_are_built_from_config(cache_dir: Path) -> None:
         assert model.config.vocab_size == len(load_tokenizer(tiny_model_config(model_type), cache_dir))
 
 
+def test_a_random_model_over_a_cut_tokenizer_keeps_the_chat_template_and_every_text(cache_dir: Path) -> None:
+    """`random_init.tokenizer_size`: the embedded tokenizer's first N ids (specials, bytes, first merges)."""
+    cfg = ModelConfig(name="cut_300", source="random", random_init={
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "tokenizer_size": 300})
+    full, cut = load_tokenizer(ModelConfig(), cache_dir), load_tokenizer(cfg, cache_dir)
+    model = load_model(cfg, cache_dir)
+    assert len(cut) == model.config.vocab_size == 300
+    text = "Über café: a stateful firewall tracks TCP ✓"
+    ids = cut(text)["input_ids"]
+    assert cut.decode(ids) == text and max(ids) < 300
+    assert len(ids) > len(full(text)["input_ids"])  # fewer merges, more tokens
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert cut.apply_chat_template(messages, tokenize=False) == full.apply_chat_template(messages, tokenize=False)
+    assert cut.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == full.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    with pytest.raises(ConfigError, match="tokenizer_size"):
+        resolve_model_dir(ModelConfig(name="cut_bad", source="random", random_init={"model_type": "llama",
+                          "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "tokenizer_size": 60000}), cache_dir)
+
+
 def test_missing_local_model_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model_dir(ModelConfig(source="hub", path=str(tmp_path / "nope")), tmp_path)

@@ -42,7 +42,7 @@ class ModelConfig:
     # (training and IFD scoring run float32 there), and bf16 falls back to float32 on CPUs oneDNN has no bf16 kernels for
     max_length: int = 2048  # tokens per training sequence / scoring context
     pad_token: Optional[str] = None  # set when the tokenizer has none (LLaMA-2 uses unk, Qwen uses <|endoftext|>)
-    random_init: dict[str, Any] = field(default_factory=dict)  # source=random: transformers config kwargs incl. model_type; tokenizer is the embedded one
+    random_init: dict[str, Any] = field(default_factory=dict)  # source=random: transformers config kwargs incl. model_type; tokenizer is the embedded one (`tokenizer_size`: its first N tokens)
 
     def __post_init__(self) -> None:
         _check(self.source in ("embedded", "hub", "random"), "model.source", f"got {self.source!r}; use embedded, hub or random")

@@ -93,10 +93,14 @@ def _build_random(cfg: ModelConfig, out: Path, cache_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer_dir = resolve_model_dir(ModelConfig(name="smollm2_135m", source="embedded"), cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     kwargs = dict(cfg.random_init)
     model_type = kwargs.pop("model_type")
     seed = int(kwargs.pop("seed", 0))
+    tokenizer_size = kwargs.pop("tokenizer_size", None)
+    if tokenizer_size is not None:
+        tokenizer = _cut_tokenizer(Path(tokenizer_dir), int(tokenizer_size), out)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
@@ -105,6 +109,29 @@ def _build_random(cfg: ModelConfig, out: Path, cache_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _cut_tokenizer(tokenizer_dir: Path, size: int, out: Path) -> Any:
+    """The embedded BPE tokenizer cut to its first `size` tokens: the special tokens, the 256 bytes and the merges
+    learnt first (its ids are in merge order). Every text still tokenises, in more tokens; a model over it projects
+    onto `size` logits instead of 49,152, which is what a model meant to cost nothing needs."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = {token: index for token, index in spec["model"]["vocab"].items() if index < size}
+    if len(vocab) != size or sorted(vocab.values()) != list(range(size)):
+        raise ConfigError(f"model.random_init.tokenizer_size: {size} is not a prefix of the embedded tokenizer's ids")
+    merges = [merge for merge in spec["model"]["merges"]
+              if "".join(merge if isinstance(merge, list) else merge.split(" ")) in vocab]
+    spec["model"].update(vocab=vocab, merges=merges)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            (out / name).write_text((tokenizer_dir / name).read_text())
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return AutoTokenizer.from_pretrained(out)
 
 
 def _require_safetensors(directory: Path) -> None:

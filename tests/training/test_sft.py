@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model_config
 
 from unifit.config import ClusterConfig, DeepSpeedConfig, TrainConfig, UnifitConfig, WandbConfig
+from unifit.records import write_parquet
 from unifit.training.sft import TrainingFailed, latest_checkpoint, run_sft
 
 FACTS = [("Which port does DNS use?", "Port 53."), ("Which port does SMTP use?", "Port 25."),
@@ -20,6 +21,12 @@ FACTS = [("Which port does DNS use?", "Port 53."), ("Which port does SMTP use?",
          ("What encrypts email in transit?", "STARTTLS."), ("What revokes certificates?", "A CRL.")]
 INSTANCES = [{"id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
              for i, (q, a) in enumerate(FACTS)]
+
+
+@pytest.fixture
+def instances(tmp_path: Path) -> Path:
+    """INSTANCES as the parquet file training reads."""
+    return write_parquet(INSTANCES, tmp_path / "instances.parquet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,7 +77,7 @@ def _answer_loss(model_dir, tokenizer) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX))
 
 
-def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: Path, cache_dir: Path, tiny_tokenizer) -> None:
+def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: Path, cache_dir: Path, instances: Path, tiny_tokenizer) -> None:
     import functools
 
     from safetensors.torch import load_file
@@ -82,7 +89,7 @@ def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: 
     cfg.model.max_length = 128  # two conversations per packed row: 4 rows, one per micro-batch slot
     steps_log = tmp_path / "steps.log"
     on_step = functools.partial(_kill_once, at=5, marker=str(tmp_path / "killed"), log=str(steps_log))
-    metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=5.0, on_step=on_step)
+    metrics = run_sft(cfg, instances, tmp_path / "out", neftune_alpha=5.0, on_step=on_step)
 
     assert (tmp_path / "killed").exists()
     steps = [int(line) for line in steps_log.read_text().split()]
@@ -109,13 +116,13 @@ def test_zero2_packed_neftune_resumes_after_killed_worker_and_exports(tmp_path: 
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4 or generated[0, -1] == tokenizer.eos_token_id
 
 
-def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: Path) -> None:
+def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: Path, instances: Path) -> None:
     from safetensors.torch import load_file
 
     from unifit.models import resolve_model_dir
 
     cfg = _config(cache_dir, zero_stage=3, max_steps=3, checkpoint_every=100)
-    metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=5.0)
+    metrics = run_sft(cfg, instances, tmp_path / "out", neftune_alpha=5.0)
     assert metrics["steps"] == 3 and metrics["packed"] == 0
     assert metrics["positions"] > metrics["tokens"] > 0  # padded micro-batches of unequal conversations
     assert metrics["padding_efficiency"] == pytest.approx(metrics["tokens"] / metrics["positions"])
@@ -125,18 +132,18 @@ def test_zero3_gathers_partitioned_weights_on_export(tmp_path: Path, cache_dir: 
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))
 
 
-def test_exhausted_restarts_name_the_last_checkpoint_and_a_rerun_resumes_there(tmp_path: Path, cache_dir: Path) -> None:
+def test_exhausted_restarts_name_the_last_checkpoint_and_a_rerun_resumes_there(tmp_path: Path, cache_dir: Path, instances: Path) -> None:
     import functools
 
     cfg = _config(cache_dir, zero_stage=2, max_steps=4, checkpoint_every=1, max_failures=0)
     with pytest.raises(TrainingFailed) as failure:
-        run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=0.0, on_step=functools.partial(_kill_always, at=2))
+        run_sft(cfg, instances, tmp_path / "out", neftune_alpha=0.0, on_step=functools.partial(_kill_always, at=2))
     message = str(failure.value)
     assert "max_failures=0" in message and "(step 1)" in message
     assert str(tmp_path / "out" / "ray") in message
     assert not (tmp_path / "out" / "model").exists()
 
     # Rerunning the same call (what a rerun of the stage does) resumes from that checkpoint, not from step 0.
-    metrics = run_sft(cfg, INSTANCES, tmp_path / "out", neftune_alpha=0.0)
+    metrics = run_sft(cfg, instances, tmp_path / "out", neftune_alpha=0.0)
     assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 4
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()

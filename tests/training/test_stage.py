@@ -48,7 +48,8 @@ def test_scorer_trains_from_scorer_and_variants_from_the_base_model(tmp_path: Pa
 
     trained: dict[str, str] = {}
 
-    def fake_sft(cfg: UnifitConfig, instances: list, out_dir: Path, *, neftune_alpha: float, model_cfg: ModelConfig) -> dict:
+    def fake_sft(cfg: UnifitConfig, instances: list, out_dir: Path, *, neftune_alpha: float, model_cfg: ModelConfig,
+                 rows_dir: Path | None = None) -> dict:
         trained[out_dir.name] = model_cfg.name
         _finished(out_dir, 1.0)
         return {"train_seconds": 1.0}

@@ -48,17 +48,19 @@ def encode_instances(tokenizer: Any, instances: Iterable[dict[str, Any]], max_le
 
 
 def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Best-fit-decreasing packing into rows of <= `max_length` tokens, rows shuffled with `seed`.
+    """Best-fit-decreasing packing into rows of <= `max_length` tokens, rows shuffled with `seed` (`pack_plan`)."""
+    return [packed_row([examples[index] for index in members])
+            for members in pack_plan([len(example["input_ids"]) for example in examples], max_length, seed)]
 
-    Each row carries `position_ids` that restart at 0 for every segment (this is how segments are found
-    downstream). A segment's first label is set to IGNORE_INDEX: in a packed row it would otherwise be
-    predicted from the previous conversation's last token.
-    """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+
+def pack_plan(lengths: Sequence[int], max_length: int, seed: int = 0) -> list[list[int]]:
+    """The example indices of each packed row: best fit decreasing into rows of <= `max_length` tokens, the rows in a
+    seeded random order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []  # example indices per row
     free: list[tuple[int, int]] = []  # (remaining capacity, row index), sorted
     for index in order:
-        size = len(examples[index]["input_ids"])
+        size = lengths[index]
         slot = bisect.bisect_left(free, (size, -1))
         if slot < len(free):
             remaining, row = free.pop(slot)
@@ -69,26 +71,22 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int, see
         if remaining - size > 0:
             bisect.insort(free, (remaining - size, row))
     random.Random(seed).shuffle(rows)
-    packed: list[dict[str, list[int]]] = []
-    for members in rows:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for index in members:
-            example = examples[index]
-            ids.extend(example["input_ids"])
-            labels.append(IGNORE_INDEX)
-            labels.extend(example["labels"][1:])
-            positions.extend(range(len(example["input_ids"])))
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-    return packed
-
-
-def shuffled(examples: Sequence[dict[str, list[int]]], seed: int = 0) -> list[dict[str, list[int]]]:
-    """Unpacked rows in a seeded random order (each row is one conversation, padded per micro-batch)."""
-    rows = list(examples)
-    random.Random(seed).shuffle(rows)
     return rows
+
+
+def packed_row(members: Sequence[dict[str, Sequence[int]]]) -> dict[str, list[int]]:
+    """Examples laid end to end in one row, with `position_ids` that restart at 0 for every segment (this is how
+    segments are found downstream). A segment's first label is set to IGNORE_INDEX: in a packed row it would
+    otherwise be predicted from the previous conversation's last token."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in members:
+        ids.extend(example["input_ids"])
+        labels.append(IGNORE_INDEX)
+        labels.extend(example["labels"][1:])
+        positions.extend(range(len(example["input_ids"])))
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool, mask_mode: str = "segments") -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning with Ray Train + DeepSpeed: setup on the driver, the `SFTRecipe` in every worker.
 
-Driver (`run_sft`): tokenize with the chat template (assistant-only labels), pack or shuffle, hand rows to
-the workers as a Ray Data dataset, size the DeepSpeed config, run `TorchTrainer`, return the metrics.
+Driver (`run_sft`): have Ray Data build the training rows from the instances' parquet files (tokenised with the chat
+template, assistant-only labels, shuffled, packed: `unifit.training.rows`), stream them to the workers, size the
+DeepSpeed config, run `TorchTrainer`, return the metrics.
 Worker (`train_loop` → `SFTRecipe`): everything it needs arrives in one frozen `LoopConfig` (no module globals);
 it loads the model, wraps it with `deepspeed.initialize` (ZeRO-2/3, optional offload, bf16 on GPU, torch AdamW,
 cosine schedule with warm-up), resumes from the newest checkpoint if there is one, trains, checkpoints every
@@ -19,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from unifit.atomic import atomic_dir
 from unifit.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainConfig, UnifitConfig, WandbConfig, accumulation_steps, to_container
@@ -142,25 +143,28 @@ def latest_checkpoint(storage: Path) -> Optional[tuple[Path, int]]:
     return best
 
 
-def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *, neftune_alpha: float,
-            model_cfg: Optional[ModelConfig] = None,
+def run_sft(cfg: UnifitConfig, instances: str | Path | Sequence[str | Path], out_dir: Path, *, neftune_alpha: float,
+            model_cfg: Optional[ModelConfig] = None, rows_dir: Optional[Path] = None,
             on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-    """Fine-tune `model_cfg` (default `cfg.model`) on `instances`; the model lands in `out_dir/model/`.
+    """Fine-tune `model_cfg` (default `cfg.model`) on `instances` (a parquet file, a directory of them, or a list
+    of files); the model lands in `out_dir/model/`.
 
+    The training rows are built by Ray Data into `rows_dir` (default `out_dir/rows/`; runs on the same data may share
+    one) and streamed from there (`unifit.training.rows`).
     Resumes from the newest checkpoint under `out_dir/ray/` (a worker restart within the run, or a rerun
     of an interrupted one). `on_step(step, rank)` runs in every worker after each optimizer step (it is
     pickled to the workers; used to inject failures in tests). Returns train_seconds (wall time of the
-    Ray Train run: worker start, load, train, export), loop_seconds, steps, final_loss, tokens (non-pad
-    tokens trained on, all workers), tokens_per_second, and the data counts.
+    Ray Train run: worker start, load, train, export), rows_seconds (building the rows), loop_seconds, steps,
+    final_loss, tokens (non-pad tokens trained on, all workers), tokens_per_second, and the data counts.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from unifit.models import load_tokenizer, resolve_model_dir
     from unifit.raycluster import cpus_per_train_worker, ensure_ray
     from unifit.stage import read_json, write_json
-    from unifit.training.data import encode_instances, pack_examples, shuffled
+    from unifit.training.rows import ROWS_DIR, build_rows, stream_rows
 
     model_cfg = model_cfg or cfg.model
     out_dir = Path(out_dir).resolve()
@@ -171,13 +175,15 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
                     "so packed conversations would attend to each other; training on padded batches", model_cfg.name)
         packing = False
     tokenizer = load_tokenizer(model_cfg, cfg.cache_dir)
-    examples, encode_report = encode_instances(tokenizer, instances, model_cfg.max_length)
-    if not examples:
-        raise ConfigError(f"no trainable examples among {len(instances)} instances "
-                          f"({encode_report.dropped_no_answer} had no answer token within model.max_length={model_cfg.max_length})")
-    rows = pack_examples(examples, model_cfg.max_length, seed=cfg.train.seed) if packing else shuffled(examples, cfg.train.seed)
+    ensure_ray(cfg.cluster)
+    rows_start = time.perf_counter()
+    rows = build_rows(instances, Path(rows_dir) if rows_dir else out_dir / ROWS_DIR, model_cfg=model_cfg, cache_dir=str(cfg.cache_dir), packing=packing, seed=cfg.train.seed)
+    rows_seconds = time.perf_counter() - rows_start
+    if not rows.examples:
+        raise ConfigError(f"no trainable examples among {rows.instances} instances "
+                          f"({rows.dropped_no_answer} had no answer token within model.max_length={model_cfg.max_length})")
     workers = cfg.cluster.train_workers
-    plan = plan_steps(cfg.train, len(rows), workers)
+    plan = plan_steps(cfg.train, rows.rows, workers)
     use_gpu = cfg.cluster.use_gpu
     zero_stage = effective_zero_stage(cfg.deepspeed, workers)
     ds_config = deepspeed_config(dataclasses.replace(cfg.deepspeed, zero_stage=zero_stage), cfg.train, workers, bf16=use_gpu)
@@ -185,7 +191,7 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
     resume = latest_checkpoint(storage)
     stage_note = "" if zero_stage == cfg.deepspeed.zero_stage else f" (deepspeed.zero_stage={cfg.deepspeed.zero_stage}: nothing to partition on one worker)"
     log.info("SFT %s: %d examples -> %d rows (packing=%s), %d steps, %d workers, ZeRO-%d%s%s",
-             model_cfg.name, len(examples), len(rows), packing, plan.total_steps, workers,
+             model_cfg.name, rows.examples, rows.rows, packing, plan.total_steps, workers,
              zero_stage, stage_note, f", resuming from step {resume[1]}" if resume else "")
 
     loop_config = LoopConfig(
@@ -194,7 +200,6 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
         use_gpu=use_gpu, pad_id=tokenizer.pad_token_id, neftune_alpha=float(neftune_alpha), export_dir=str(out_dir / "model"),
         storage=str(storage), wandb=cfg.wandb, wandb_name=f"{cfg.name}-{out_dir.name}", wandb_dir=str(out_dir), on_step=on_step,
     )
-    ensure_ray(cfg.cluster)
     worker_resources = {"CPU": cpus_per_train_worker(cfg.cluster), **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         functools.partial(train_loop, loop_config),
@@ -204,7 +209,9 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": ray.data.from_items(rows)},
+        datasets={"train": stream_rows(rows, packing)},
+        # Every run reads the rows in file order, so a resumed run skips exactly the micro-batches trained on before
+        dataset_config=DataConfig(execution_options=_ordered()),
     )
     loop_config.loop_metrics_path.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -217,8 +224,9 @@ def run_sft(cfg: UnifitConfig, instances: list[dict[str, Any]], out_dir: Path, *
             f"training {model_cfg.name} failed after train.max_failures={cfg.train.max_failures} restart(s): {_first_line(error)}. "
             f"Last checkpoint: {where}; rerunning the stage resumes from it.") from error
     train_seconds = time.perf_counter() - start
-    metrics = {**read_json(loop_config.loop_metrics_path), "train_seconds": train_seconds, "examples": len(examples),
-               "rows": len(rows), "packed": int(packing), "truncated": encode_report.truncated, "dropped_no_answer": encode_report.dropped_no_answer}
+    metrics = {**read_json(loop_config.loop_metrics_path), "train_seconds": train_seconds, "rows_seconds": rows_seconds,
+               "examples": rows.examples, "rows": rows.rows, "packed": int(packing), "truncated": rows.truncated,
+               "dropped_no_answer": rows.dropped_no_answer}
     in_worker = sum(metrics[key] for key in WORKER_PHASES) + metrics["loop_seconds"]
     log.info("SFT %s: %.1fs = Ray Train start/stop %.1fs + worker setup %.1fs, load %.1fs, DeepSpeed init %.1fs, "
              "first batch %.1fs, %d steps %.1fs, export %.1fs", model_cfg.name, train_seconds, train_seconds - in_worker,
@@ -483,6 +491,15 @@ class SFTRecipe:
 
             write_json(self.config.loop_metrics_path, metrics)
         ray.train.report(metrics)
+
+
+def _ordered() -> Any:
+    """Ray Data execution options that keep the rows in file order (Ray Train's default lets blocks overtake)."""
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
 
 
 def _first_line(error: BaseException) -> str:
