@@ -7,8 +7,8 @@ server (tests/standin_server.py, a separate process): generation through the `op
 the stand-in too, IFD scoring and training on `model=random_1x16` (1 layer, 16 wide: the data path is real,
 the model's compute negligible), training capped at `--train-steps`. Per stage it prints wall time, the
 driver's peak RSS, the largest Ray worker's peak RSS, the object store's peak (shared memory the raylet has
-touched), model loads (hf models, vLLM engines and IFD scorers the stage reports; training's are not counted), time inside model calls (the stand-in busy) and
-outside them, and CPU seconds: the driver's, the driver's with every process it reaped (its Ray processes),
+touched), model loads (hf models, vLLM engines and IFD scorers the stage reports; training's are not counted), time
+inside model calls (the stand-in busy, the IFD scorers' forwards, the training loops) and outside them, and CPU seconds: the driver's, the driver's with every process it reaped (its Ray processes),
 and the stand-in's; then the pipeline's own cost per 1,000 instances (wall time outside model calls, and
 its processes' CPU time, which a machine shared with other jobs does not inflate) against what one GPU would
 spend decoding those instances' tokens at `--gpu-tokens-per-s`. Each stage's output is in
@@ -30,7 +30,7 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import psutil
 
@@ -79,7 +79,7 @@ class StageResult:
     worker_peak_gb: float
     object_store_peak_gb: float
     model_loads: Optional[int]
-    model_call_s: float  # the stand-in had a request in flight
+    model_call_s: float  # the stand-in had a request in flight, or a local model ran (`local_model_seconds`)
     completion_tokens: int
     driver_cpu_s: float  # CPU time of the driver process (all its threads)
     pipeline_cpu_s: float  # CPU time of the driver and every process it started and reaped (Ray's included)
@@ -171,8 +171,16 @@ def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env
     counted = [manifest["metrics"][key] for key in ("model_loads", "engine_starts", "scorer_loads") if key in manifest["metrics"]]
     loads = sum(counted) if counted else None  # hf models and vLLM engines behind the clients, IFD scorers
     return StageResult(stage, wall, manifest.get("seconds"), watcher.driver / 2**20, watcher.worker / 2**20,
-                       watcher.store / 2**20, loads, after["busy"] - before["busy"], int(after["tokens"] - before["tokens"]),
+                       watcher.store / 2**20, loads, after["busy"] - before["busy"] + local_model_seconds(manifest["metrics"]),
+                       int(after["tokens"] - before["tokens"]),
                        watcher.driver_cpu, usage.ru_utime + usage.ru_stime, cpu_seconds(server_pid) - server_before)
+
+
+def local_model_seconds(metrics: dict[str, Any]) -> float:
+    """Time a stage spent in the models that run on this machine: the IFD scorers' forwards (summed over actors) and
+    the training loops (`loop_seconds`, `<variant>_loop_seconds`); the stand-in's own time is counted apart."""
+    return float(metrics.get("model_seconds", 0.0)) + sum(float(value) for key, value in metrics.items()
+                                                          if key == "loop_seconds" or key.endswith("_loop_seconds"))
 
 
 def start_server(args: argparse.Namespace, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:

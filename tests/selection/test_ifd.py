@@ -184,6 +184,7 @@ def test_cost_counts_by_hand(tiny_model) -> None:
     assert cost.flops == pytest.approx(expected)
     assert cost.reference_flops == pytest.approx(sum(flops(n, n) for n, _ in rows))
     assert planned_cost(shape, examples, 10_000) == cost  # the same numbers without running the model
+    assert cost.forward_seconds > 0 == planned_cost(shape, examples, 10_000).forward_seconds  # timed only when run
     summary = cost.summary()
     assert summary["padding_efficiency"] == pytest.approx(32 / 48)
     assert summary["flops_per_answer_token"] == pytest.approx(expected / 6)

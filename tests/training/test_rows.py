@@ -12,7 +12,7 @@ from conftest import tiny_model_config
 
 from unifit.records import Instance, write_instances
 from unifit.training.data import IGNORE_INDEX, encode_instances
-from unifit.training.rows import ROWS_DIR, build_rows, order_key, stream_rows
+from unifit.training.rows import build_rows, order_key, stream_rows
 
 
 def _instances(count: int, start: int = 0) -> list[Instance]:
@@ -31,20 +31,21 @@ def two_files(tmp_path: Path) -> list[Path]:
 
 
 def _rows(directory: Path) -> list[dict]:
-    return [row for file in sorted((directory / ROWS_DIR).glob("*.parquet")) for row in pq.read_table(file).to_pylist()]
+    return [row for file in sorted(directory.glob("*.parquet")) for row in pq.read_table(file).to_pylist()]
 
 
 def test_packed_rows_hold_every_instance_once_as_encoded_alone(ray_local, tmp_path: Path, cache_dir: Path,
                                                                tiny_tokenizer, two_files: list[Path]) -> None:
     model = tiny_model_config("llama")
     model.max_length = 128
-    summary = build_rows(two_files, tmp_path / "out", model_cfg=model, cache_dir=str(cache_dir), packing=True, seed=3)
-    rows = _rows(tmp_path / "out")
+    summary = build_rows(two_files, tmp_path / "rows", model_cfg=model, cache_dir=str(cache_dir), packing=True, seed=3)
+    rows = _rows(tmp_path / "rows")
     instances = [row for file in two_files for row in pq.read_table(file).to_pylist()]
     alone = {row["id"]: example for row in instances
              for example in encode_instances(tiny_tokenizer, [row], model.max_length)[0]}
     assert len(alone) == 120  # the long prompt has no answer token within 128
     assert (summary.instances, summary.examples, summary.dropped_no_answer, summary.rows) == (121, 120, 1, len(rows))
+    assert len(summary.files) == 2  # the sort's two blocks (`sort_boundaries`), not Ray's default 200
     assert sorted(i for row in rows for i in row["ids"]) == sorted(alone)
     assert summary.rows < 120 and all(len(row["input_ids"]) <= 128 for row in rows)
     for row in rows:  # each segment is the conversation as encoded alone, its first label masked (packed boundary)
@@ -62,7 +63,7 @@ def test_packed_rows_hold_every_instance_once_as_encoded_alone(ray_local, tmp_pa
 def test_unpacked_rows_come_in_seeded_order_and_are_kept_until_the_instances_change(
         ray_local, tmp_path: Path, cache_dir: Path, two_files: list[Path]) -> None:
     model = tiny_model_config("llama")
-    out = tmp_path / "out"
+    out = tmp_path / "rows"
     summary = build_rows(two_files, out, model_cfg=model, cache_dir=str(cache_dir), packing=False, seed=3)
     ids = [row["ids"][0] for row in _rows(out)]
     assert len(ids) == summary.rows == summary.examples == 121

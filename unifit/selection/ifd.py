@@ -16,6 +16,7 @@ turns chat instances into those examples with the model's own template (unifit.t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -174,7 +175,7 @@ class ModelShape:
 
 @dataclass
 class IFDCost:
-    """What scoring computed, in numbers that do not depend on the machine's speed or load.
+    """What scoring computed, in numbers that do not depend on the machine's speed or load (and the time it took).
 
     `reference_flops` is the per-example procedure on the same examples (Cherry_LLM's): two unpadded forwards per
     example, direct and conditioned, each projecting every position onto the full vocabulary.
@@ -185,9 +186,10 @@ class IFDCost:
     answer_tokens: int = 0  # scored answer tokens, each example's answer counted once
     flops: float = 0.0
     reference_flops: float = 0.0
+    forward_seconds: float = field(default=0.0, compare=False)  # wall time of the forwards: machine-dependent, so not compared
 
     def add(self, other: "IFDCost") -> None:
-        for name in ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops"):
+        for name in ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops", "forward_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> dict[str, float | None]:
@@ -218,11 +220,14 @@ def compute_ifd(model: Any, examples: Sequence[Mapping[str, Sequence[int]]], *,
     batches = plan_batches([len(s) for s in passes.sequences], max_tokens_per_batch)
     if cost is not None:
         cost.add(_cost(ModelShape.of(model), examples, passes, batches))
+    start = time.perf_counter()
     with torch.inference_mode():
         for batch in tqdm(batches, desc="IFD", unit="batch", disable=not progress):
             batch_sums = span_loss_sums(model, [passes.sequences[i] for i in batch], [passes.spans[i] for i in batch])
             for index, values in zip(batch, batch_sums):
                 sums[index] = values
+    if cost is not None:
+        cost.forward_seconds += time.perf_counter() - start
     results = []
     for example, (cond_row, cond_span), (direct_row, direct_span) in zip(examples, passes.cond, passes.direct):
         n = len(example["answer_ids"])

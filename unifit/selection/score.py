@@ -44,7 +44,8 @@ def _shard_done(path: Path, ids: list[str]) -> bool:
 
 LOADS_DIR = ".loads"
 SCORERS_START_TIMEOUT_S = 1800  # how long Ray Data waits for every scoring actor to load its model (a 7B from a slow disk: minutes)
-COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops")  # of unifit.selection.ifd.IFDCost
+INT_COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens")
+COST_FIELDS = ("real_tokens", "computed_positions", "answer_tokens", "flops", "reference_flops", "forward_seconds")  # of unifit.selection.ifd.IFDCost
 
 
 class ShardBoundaryError(RuntimeError):
@@ -165,8 +166,8 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
     `out_dir/shard-*.parquet`; shards already complete are kept, not recomputed.
 
     Returns shard counts, `nodes` (how many Ray nodes' actors scored this call's shards, 0 if none were left),
-    `scorer_loads` (scoring models this call loaded: one per actor Ray Data started) and,
-    for this call's shards, the machine-independent cost of `IFDCost.summary` (padding efficiency, FLOPs per scored
+    `scorer_loads` (scoring models this call loaded: one per actor Ray Data started), `model_seconds` (the actors'
+    time in forwards, summed over actors) and, for this call's shards, the machine-independent cost of `IFDCost.summary` (padding efficiency, FLOPs per scored
     answer token against the per-example reference).
 
     Ray must already be initialised. GPU actors (gpus_per_actor > 0) run the model in `dtype`; CPU actors
@@ -209,10 +210,10 @@ def score_sharded(instances: str | Path | Sequence[str | Path], out_dir: str | P
             raise ShardBoundaryError(f"{out_dir}: scored shards {sorted(row['shard'] for row in scored)}, expected {todo}")
         nodes = len({row["node"] for row in scored})
         for row in scored:
-            cost.add(IFDCost(**{name: (float if name.endswith("flops") else int)(row[name]) for name in COST_FIELDS}))
+            cost.add(IFDCost(**{name: (int if name in INT_COST_FIELDS else float)(row[name]) for name in COST_FIELDS}))
     loads = out_dir / LOADS_DIR
     scorer_loads = len(list(loads.iterdir())) if loads.exists() else 0
     shutil.rmtree(loads, ignore_errors=True)
     return {"shards": n_shards, "shards_computed": len(todo), "shards_reused": n_shards - len(todo), "nodes": nodes,
-            "scorer_loads": scorer_loads,
+            "scorer_loads": scorer_loads, "model_seconds": round(cost.forward_seconds, 2),
             **{key: value for key, value in cost.summary().items() if value is not None}}

@@ -31,6 +31,8 @@ ROWS_DIR = "rows"  # the default place of the rows, beside the model
 PLAN_FILE = "rows.json"  # inside ROWS_DIR: what the rows were built from, and their counts
 PACK_WINDOW = 4096  # conversations packed together: large enough to fill rows, small enough for one worker's batch
 ENCODE_BATCH = 512  # conversations tokenised per Ray Data batch
+SORT_PARTITION_ROWS = 20_000  # conversations per sorted block (~100 MB of 7B-sized token lists): one task each
+KEY_BITS = 60  # order keys are uniform in [0, 2**60): `order_key`
 TRAIN_COLUMNS = ("input_ids", "labels", "position_ids")
 TOKENS = pa.list_(pa.int32())
 
@@ -66,7 +68,15 @@ def _tokenizer(model_cfg: ModelConfig, cache_dir: str) -> Any:
 
 def order_key(instance_id: str, seed: int) -> int:
     """Where an instance falls in the shuffled order: a seeded hash of its id (60 bits, so Arrow's int64 sorts it)."""
-    return int(fingerprint([seed, instance_id])[:15], 16)
+    return int(fingerprint([seed, instance_id])[: KEY_BITS // 4], 16)
+
+
+def sort_boundaries(instances: int) -> list[int]:
+    """Evenly spaced key boundaries for about `SORT_PARTITION_ROWS` conversations a block (at least two blocks: Ray
+    samples the keys itself without boundaries, and then cuts a small data set into 200 blocks). The keys are
+    uniform hashes, so the blocks come out even without that sampling pass."""
+    blocks = max(2, -(-instances // SORT_PARTITION_ROWS))
+    return [index * (1 << KEY_BITS) // blocks for index in range(1, blocks)]
 
 
 def _encode(batch: pa.Table, *, model_cfg: ModelConfig, cache_dir: str, seed: int) -> pa.Table:
@@ -125,7 +135,8 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
         return kept
     dataset = ray.data.read_parquet([str(f) for f in files], columns=["id", "messages"])
     dataset = dataset.map_batches(_encode, batch_size=ENCODE_BATCH, batch_format="pyarrow",
-                                  fn_kwargs=dict(model_cfg=model_cfg, cache_dir=str(cache_dir), seed=seed)).sort("key")
+                                  fn_kwargs=dict(model_cfg=model_cfg, cache_dir=str(cache_dir), seed=seed))
+    dataset = dataset.sort("key", boundaries=sort_boundaries(count_rows(files)))
     if packing:
         dataset = dataset.map_batches(_pack, batch_size=PACK_WINDOW, batch_format="pyarrow",
                                       fn_kwargs=dict(max_length=model_cfg.max_length, seed=seed))

@@ -17,7 +17,7 @@ from unifit.stage import StageContext, UserError, read_json
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("train_seconds", "rows_seconds", "steps", "final_loss", "tokens", "tokens_per_second", "examples", "truncated", "dropped_no_answer")
+REPORTED = ("train_seconds", "rows_seconds", "loop_seconds", "steps", "final_loss", "tokens", "tokens_per_second", "examples", "truncated", "dropped_no_answer")
 
 
 def _instances(ctx: StageContext, name: str) -> list[Path]:
