@@ -11,6 +11,8 @@ import functools
 import re
 from typing import Any
 
+import numpy as np
+
 NUM_PERM = 128
 _WORD = re.compile(r"\w+", re.UNICODE)
 _POSSESSIVE = re.compile(r"'s\b")
@@ -45,9 +47,9 @@ def minhash(text: str, size: int, num_perm: int = NUM_PERM):
 class NearDuplicateIndex:
     """Keeps the texts it has accepted; `add` answers whether a new text is a near-duplicate of one of them.
 
-    LSH proposes candidates; a candidate counts only if the estimated Jaccard similarity reaches the
-    threshold, which removes most LSH false positives without any pairwise loop. Per accepted text it holds the
-    LSH band keys and the signature's hash values (the share of equal values estimates the Jaccard similarity).
+    LSH proposes candidates; a candidate counts only if the estimated Jaccard similarity (the share of equal
+    MinHash values) reaches the threshold, which removes most LSH false positives without a Python loop over them:
+    the accepted texts' signatures are rows of one matrix, compared with the query's in a single numpy operation.
     """
 
     def __init__(self, threshold: float, shingle_size: int, num_perm: int = NUM_PERM) -> None:
@@ -57,18 +59,25 @@ class NearDuplicateIndex:
         self.shingle_size = shingle_size
         self.num_perm = num_perm
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._signatures: dict[str, Any] = {}  # key -> hash values (a numpy array)
+        self._keys: list[str] = []  # row -> key (the LSH indexes rows)
+        self._rows: dict[str, int] = {}
+        # MinHash values are below 2**32 (datasketch masks them), so uint32 holds them exactly at half the memory.
+        self._signatures = np.empty((1024, num_perm), dtype=np.uint32)
 
-    def _find(self, signature) -> str | None:
-        """Key of an accepted text whose estimated Jaccard similarity with `signature` reaches the threshold, or None."""
-        for key in sorted(self._lsh.query(signature)):
-            if (signature.hashvalues == self._signatures[key]).mean() >= self.threshold:
-                return key
-        return None
+    def __len__(self) -> int:
+        return len(self._keys)
 
-    def candidates(self, text: str) -> list[str]:
-        """Keys LSH proposes as similar to `text` (sorted, for determinism), before any Jaccard check."""
-        return sorted(self._lsh.query(minhash(text, self.shingle_size, self.num_perm)))
+    def similar(self, text: str, min_jaccard: float) -> list[str]:
+        """Keys of accepted texts LSH proposes for `text` whose estimated Jaccard similarity is at least `min_jaccard`, oldest first."""
+        return [self._keys[row] for row in self._similar_rows(minhash(text, self.shingle_size, self.num_perm), min_jaccard)]
+
+    def _similar_rows(self, signature, min_jaccard: float) -> np.ndarray:
+        rows = self._lsh.query(signature)
+        if not rows:
+            return np.empty(0, dtype=np.int64)
+        rows = np.sort(np.fromiter(rows, dtype=np.int64, count=len(rows)))
+        estimates = (self._signatures[rows] == signature.hashvalues.astype(np.uint32)).mean(axis=1)
+        return rows[estimates >= min_jaccard]
 
     def insert(self, key: str, text: str) -> None:
         """Index `text` unconditionally (the caller has decided it is novel)."""
@@ -77,11 +86,16 @@ class NearDuplicateIndex:
     def add(self, key: str, text: str) -> bool:
         """Accept `text` under `key` unless it near-duplicates an accepted text; True if accepted."""
         signature = minhash(text, self.shingle_size, self.num_perm)
-        if key in self._signatures or self._find(signature) is not None:
+        if key in self._rows or len(self._similar_rows(signature, self.threshold)):
             return False
         self._store(key, signature)
         return True
 
     def _store(self, key: str, signature) -> None:
-        self._lsh.insert(key, signature)
-        self._signatures[key] = signature.hashvalues
+        row = len(self._keys)
+        if row == len(self._signatures):
+            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
+        self._signatures[row] = signature.hashvalues
+        self._lsh.insert(row, signature)
+        self._keys.append(key)
+        self._rows[key] = row
