@@ -360,7 +360,8 @@ def test_garbage_at_each_parsing_stage_is_retried_boundedly_then_counted(stage: 
         else:
             assert counts["unparsable_leaf_replies"] == len(leaves) and not instances
     elif kind == "self_instruct":
-        instances, counts = run_self_instruct("cybersecurity", _generate_cfg(), model, params, target=2, generator="m")
+        instances: list = []
+        counts = run_self_instruct("cybersecurity", _generate_cfg(), model, params, target=2, generator="m", keep=instances.extend)
         assert not instances and counts["rounds"] == STALL_ROUNDS and counts["stopped_below_target"] == 1
         assert counts["unparsable_instruction_replies"] * (MAX_RETRIES + 1) == counts["instruction_calls"] > 0
     elif kind == "test_question":
@@ -402,7 +403,8 @@ def test_garbage_answers_are_asked_once_and_counted_by_reason(kind: str, garbage
     params = GenerationParams(max_new_tokens=64)
     gen = _generate_cfg(leaf_mode="two_step", turns=2)
     if kind == "answer:self_instruct":
-        instances, counts = run_self_instruct("cybersecurity", gen, model, params, target=2, generator="m")
+        instances = []
+        counts = run_self_instruct("cybersecurity", gen, model, params, target=2, generator="m", keep=instances.extend)
         assert not instances and counts[f"answer_{ANSWER_COUNTER[garbage]}"] == counts["answer_calls"] > 0
     else:
         instances, counts = generate_leaf_instances(_leaves(gen), gen, model, params, "m")
@@ -427,7 +429,7 @@ def test_a_degenerate_thousand_item_list_is_bounded_and_fast() -> None:
     assert all(len(tree.nodes[s].children) == 1 for s in tree.root.children)  # 999 copies of one name: one child
     instances, counts = generate_leaf_instances(tree.leaves(), gen, looping, GenerationParams(), "m")
     assert counts["dropped_over_q"] == len(tree.leaves()) * (999 - gen.questions_per_leaf)
-    tasks, si_counts = run_self_instruct("cybersecurity", gen, looping, GenerationParams(), target=2, generator="m")
+    si_counts = run_self_instruct("cybersecurity", gen, looping, GenerationParams(), target=2, generator="m", keep=lambda instances: None)
     assert si_counts["instructions_kept"] <= si_counts["rounds"] and si_counts["instruction_not_novel"] > 0
     assert time.time() - started < 60
 

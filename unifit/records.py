@@ -167,10 +167,35 @@ def remove_stale_shards(folder: str | Path, keep: Collection[str] = (), pattern:
             stale.unlink()
 
 
-def write_instance_shards(instances: Sequence[Instance | dict[str, Any]], folder: str | Path, size: int) -> int:
-    """`instances` in shards of `size` rows, in order; no instance still writes one empty shard (readers see 0 rows).
-    Returns the number of shards."""
-    starts = range(0, max(len(instances), 1), size)
-    for shard, start in enumerate(starts):
-        write_instances(instances[start : start + size], shard_path(folder, shard))
-    return len(starts)
+class InstanceShardWriter:
+    """Writes instances into shards of `size` rows as they arrive, in order, so a producer holds at most one shard."""
+
+    def __init__(self, folder: str | Path, size: int) -> None:
+        self.folder = Path(folder)
+        self.size = size
+        self.shards = 0
+        self._pending: list[Instance | dict[str, Any]] = []
+
+    def extend(self, instances: Iterable[Instance | dict[str, Any]]) -> None:
+        self._pending.extend(instances)
+        while len(self._pending) >= self.size:
+            self._write(self._pending[: self.size])
+            del self._pending[: self.size]
+
+    def close(self) -> int:
+        """Write what is left (no instance at all still writes one empty shard: readers see 0 rows); the shard count."""
+        if self._pending or not self.shards:
+            self._write(self._pending)
+            self._pending = []
+        return self.shards
+
+    def _write(self, instances: list[Instance | dict[str, Any]]) -> None:
+        write_instances(instances, shard_path(self.folder, self.shards))
+        self.shards += 1
+
+
+def write_instance_shards(instances: Iterable[Instance | dict[str, Any]], folder: str | Path, size: int) -> int:
+    """`instances` in shards of `size` rows, in order (see InstanceShardWriter). Returns the number of shards."""
+    writer = InstanceShardWriter(folder, size)
+    writer.extend(instances)
+    return writer.close()

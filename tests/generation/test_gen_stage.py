@@ -12,7 +12,7 @@ from gen_scripted import Scripted, make_cfg
 from unifit.generation.self_instruct import run_self_instruct, seed_tasks
 from unifit.generation.stage import run
 from unifit.llm.base import Completion, GenerationParams
-from unifit.records import read_parquet
+from unifit.records import Instance, read_parquet
 from unifit.stage import StageContext, read_json
 
 
@@ -90,7 +90,8 @@ def test_self_instruct_loop_produces_novel_instructions_at_target(tmp_path) -> N
         return None
 
     model = Scripted(override=override)
-    instances, counts = run_self_instruct(cfg.domain, gen, model, GenerationParams(), 10, "m", seed=0)
+    instances: list[Instance] = []
+    counts = run_self_instruct(cfg.domain, gen, model, GenerationParams(), 10, "m", keep=instances.extend, seed=0)
     assert len(instances) == 10 == counts["instances"] and counts["stopped_below_target"] == 0
     assert counts["instruction_not_novel"] >= 1 and counts["instruction_unsuitable_keyword"] >= 1 and counts["instruction_too_short"] >= 1
     assert all(i.source == "self_instruct" and i.concept_path == [cfg.domain] for i in instances)
@@ -111,6 +112,7 @@ def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
     counts = run(context(cfg), Scripted())
     rows = read_parquet(context(cfg).out_dir / "self_instruct")
     assert counts["self_instruct_instances"] == counts["instances"] == len(rows) == 8
+    assert len(list((context(cfg).out_dir / "self_instruct").glob("shard-*.parquet"))) == 8 // cfg.generate.shard_size
     assert read_json(context(cfg).out_dir / "report.json")["self_instruct"]["target"] == 8
     rerun = Scripted()
     run(context(cfg), rerun)
@@ -123,8 +125,9 @@ def test_a_fixed_self_instruct_target_is_built_beside_the_tree_with_the_same_res
     model = Scripted()
     counts = run(context(cfg), model)
     rows = read_parquet(context(cfg).out_dir / "self_instruct")
-    alone, _ = run_self_instruct(cfg.domain, cfg.generate, Scripted(), GenerationParams.from_backend(cfg.backend, cfg.seed), 5,
-                                 cfg.generation_model.name, cfg.seed)
+    alone: list[Instance] = []
+    run_self_instruct(cfg.domain, cfg.generate, Scripted(), GenerationParams.from_backend(cfg.backend, cfg.seed), 5,
+                      cfg.generation_model.name, keep=alone.extend, seed=cfg.seed)
     assert counts["self_instruct_instances"] == 5 and [r["messages"] for r in rows] == [i.messages for i in alone]
     assert any("sub-concepts for" in p for p in model.calls) and any(p.startswith("Here are some example tasks") for p in model.calls)
 
@@ -143,12 +146,14 @@ def test_instances_name_the_generator_not_the_base_model(tmp_path) -> None:
 def test_self_instruct_gives_up_when_model_stops_producing(tmp_path) -> None:
     cfg = make_cfg(tmp_path, self_instruct={"enabled": False, "prompts_per_round": 1})
     model = Scripted(override=lambda prompt, seed: Completion("I'm sorry, I cannot come up with more tasks.", "stop"))
-    instances, counts = run_self_instruct(cfg.domain, cfg.generate, model, GenerationParams(), 5, "m")
+    instances: list[Instance] = []
+    counts = run_self_instruct(cfg.domain, cfg.generate, model, GenerationParams(), 5, "m", keep=instances.extend)
     assert instances == [] and counts["stopped_below_target"] == 1 and counts["rounds"] == 3
     assert counts["unparsable_instruction_replies"] == 3 * 2  # 2 prompts per round (5 needed / 4 per prompt)
     assert model.batches[0] == 2
     batched = Scripted(override=model.override)
-    run_self_instruct(cfg.domain, make_cfg(tmp_path, self_instruct={"enabled": False, "prompts_per_round": 6}).generate, batched, GenerationParams(), 5, "m")
+    run_self_instruct(cfg.domain, make_cfg(tmp_path, self_instruct={"enabled": False, "prompts_per_round": 6}).generate, batched, GenerationParams(), 5, "m",
+                      keep=lambda instances: None)
     assert batched.batches[0] == 6  # a round asks at least self_instruct.prompts_per_round prompts in one batch
 
 

@@ -16,7 +16,7 @@ import math
 import random
 import re
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 from unifit.config import GenerateConfig
 from unifit.dedup import NearDuplicateIndex
@@ -122,9 +122,14 @@ def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[
 
 
 def run_self_instruct(
-    domain: str, gen: GenerateConfig, model: ChatClient, params: GenerationParams, target: int, generator: str, seed: int = 0
-) -> tuple[list[Instance], Counter[str]]:
-    """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones)."""
+    domain: str, gen: GenerateConfig, model: ChatClient, params: GenerationParams, target: int, generator: str, *,
+    keep: Callable[[list[Instance]], None], seed: int = 0
+) -> Counter[str]:
+    """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones).
+
+    Each round's instances go to `keep` as they are answered (the stage writes them to shards), so a 500K baseline
+    is never held in memory; the returned counts say what was kept and dropped.
+    """
     rng = random.Random(seed)
     seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct.seeds))
     novelty = NoveltyFilter(gen.self_instruct.rouge)
@@ -132,11 +137,11 @@ def run_self_instruct(
         novelty.remember(task)
     machine: list[str] = []
     unanswered: list[str] = []  # kept instructions not answered yet: answered first, before asking for more
-    instances: list[Instance] = []
+    kept = 0
     counts: Counter[str] = Counter(seed_tasks=len(seeds))
     stalled = 0
     for round_index in range(gen.self_instruct.max_rounds):
-        needed = target - len(instances)
+        needed = target - kept
         if needed <= 0 or stalled >= STALL_ROUNDS:
             break
         counts["rounds"] += 1
@@ -151,6 +156,7 @@ def run_self_instruct(
             continue
         answers = model.complete([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in batch], round_params)
         counts["answer_calls"] += len(batch)
+        instances: list[Instance] = []
         for task, completion in zip(batch, answers):
             if completion.finish_reason == "length":
                 counts["answer_truncated"] += 1
@@ -162,12 +168,14 @@ def run_self_instruct(
             messages = [{"role": "user", "content": task}, {"role": "assistant", "content": completion.text.strip()}]
             instances.append(Instance(messages=messages, leaf_id=node_id([domain]), concept_path=[domain],
                                       source="self_instruct", generator=generator))
-        log.info("self-instruct round %d: %d answered, %d/%d instances", round_index + 1, len(batch), len(instances), target)
+        keep(instances)
+        kept += len(instances)
+        log.info("self-instruct round %d: %d answered, %d/%d instances", round_index + 1, len(batch), kept, target)
     counts["instructions_unanswered"] = len(unanswered)
-    counts["stopped_below_target"] = int(len(instances) < target)
-    counts["instances"] = len(instances)
+    counts["stopped_below_target"] = int(kept < target)
+    counts["instances"] = kept
     counts["novelty_lcs_checks"] = novelty.lcs_checks
-    return instances, counts
+    return counts
 
 
 def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machine: list[str], novelty: NoveltyFilter,

@@ -29,7 +29,7 @@ from unifit.generation.instances import HEADLINE_COUNTS, generate_leaf_instances
 from unifit.generation.self_instruct import run_self_instruct
 from unifit.generation.tree import build_tree, draw_tree
 from unifit.llm.base import ChatClient, FreeTextModel, GenerationParams, as_client
-from unifit.records import remove_stale_shards, shard_path, write_instance_shards, write_instances, write_table
+from unifit.records import InstanceShardWriter, remove_stale_shards, shard_path, write_instance_shards, write_instances, write_table
 from unifit.stage import StageContext, read_json, write_json
 from unifit.text import first_question
 
@@ -103,8 +103,10 @@ def build_self_instruct(cfg: UnifitConfig, out_dir: Path, generator: ChatClient,
     if marker.exists() and read_json(marker).get("target") == target:
         return read_json(marker)
     remove_stale_shards(folder)
-    instances, counts = run_self_instruct(cfg.domain, cfg.generate, generator, params, target, cfg.generation_model.name, cfg.seed)
-    write_instance_shards(instances, folder, cfg.generate.shard_size)
+    writer = InstanceShardWriter(folder, cfg.generate.shard_size)
+    counts = run_self_instruct(cfg.domain, cfg.generate, generator, params, target, cfg.generation_model.name,
+                               keep=writer.extend, seed=cfg.seed)
+    writer.close()
     report = {"target": target, **counts}
     write_json(marker, report)
     return report
