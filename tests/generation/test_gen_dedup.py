@@ -98,3 +98,30 @@ def test_self_instruct_novelty_agrees_with_rouge_against_every_kept_task() -> No
             novelty.remember(task)
     assert 200 < len(kept_by_rouge) < 290 and differ <= len(tasks) // 100
     assert novelty.lcs_checks < len(tasks) * len(kept_by_rouge) / 2 / 100
+
+
+def test_band_index_proposes_what_datasketch_lsh_proposes() -> None:
+    """Same candidates as MinHashLSH for the same bands, across the buffer and several merged levels."""
+    import random
+
+    from datasketch import MinHashLSH
+
+    from unifit.dedup import BandIndex, minhash
+
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)] + ["the", "of", "how"] * 20
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(3 * BandIndex.BUFFER + 500)]
+    reference = MinHashLSH(threshold=0.4, num_perm=128)
+    bands = BandIndex(reference.b, reference.r)
+    for row, text in enumerate(texts[:-300]):
+        signature = minhash(text, 1)
+        reference.insert(row, signature)
+        bands.insert(row, bands.keys(signature.hashvalues))
+    assert len(bands._levels) == 2  # 3 buffers flushed: a merged level of 2 and one of 1, plus 200 rows in the buffer
+    proposed = 0
+    for text in texts[-300:] + texts[:50]:
+        signature = minhash(text, 1)
+        expected = sorted(reference.query(signature))
+        assert bands.query(bands.keys(signature.hashvalues)).tolist() == expected
+        proposed += len(expected)
+    assert proposed > 350  # the queries do find candidates (each indexed text finds itself, the others some)

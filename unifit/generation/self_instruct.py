@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import re
+import sys
 from collections import Counter
 from typing import Callable, Optional
 
@@ -77,7 +78,7 @@ class NoveltyFilter:
         self.threshold = rouge_threshold
         self._tokenizer = DefaultTokenizer(use_stemmer=False)  # what RougeScorer(["rougeL"], use_stemmer=False) uses
         self._index = NearDuplicateIndex(CANDIDATE_JACCARD, shingle_size=1)
-        self._tokens: dict[str, tuple[list[str], Counter[str]]] = {}
+        self._tokens: dict[str, tuple[str, ...]] = {}  # counted only for the few candidates that pass the estimate
         self.lcs_checks = 0
 
     def __len__(self) -> int:
@@ -90,9 +91,10 @@ class NoveltyFilter:
         tokens = self._tokenizer.tokenize(text)
         counts = Counter(tokens)
         for key in self._index.similar(text, ESTIMATED_JACCARD_FLOOR):
-            kept, kept_counts = self._tokens[key]
+            kept = self._tokens[key]
             if not tokens or not kept:
                 continue  # ROUGE-L of an empty token list is 0
+            kept_counts = Counter(kept)
             shared = sum(min(count, kept_counts[token]) for token, count in counts.items() if token in kept_counts)
             if 2 * shared / (len(tokens) + len(kept)) <= self.threshold - 1e-9:
                 continue  # cannot exceed the threshold (the margin covers F1's other rounding)
@@ -105,8 +107,7 @@ class NoveltyFilter:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
         key = str(len(self._tokens))
         self._index.insert(key, text)
-        tokens = self._tokenizer.tokenize(text)
-        self._tokens[key] = (tokens, Counter(tokens))
+        self._tokens[key] = tuple(sys.intern(token) for token in self._tokenizer.tokenize(text))  # one copy per distinct word
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
