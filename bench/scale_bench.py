@@ -177,10 +177,12 @@ def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env
 
 
 def local_model_seconds(metrics: dict[str, Any]) -> float:
-    """Time a stage spent in the models that run on this machine: the IFD scorers' forwards (summed over actors) and
-    the training loops (`loop_seconds`, `<variant>_loop_seconds`); the stand-in's own time is counted apart."""
-    return float(metrics.get("model_seconds", 0.0)) + sum(float(value) for key, value in metrics.items()
-                                                          if key == "loop_seconds" or key.endswith("_loop_seconds"))
+    """Wall time a stage spent in the models that run on this machine: the IFD scorers' forwards (their sum over the
+    actors that scored at once, divided by how many) and the training loops (`loop_seconds`, `<variant>_loop_seconds`,
+    one after the other); the stand-in's own time is counted apart."""
+    scorers = max(1, int(metrics.get("scorer_loads", 1)))
+    return float(metrics.get("model_seconds", 0.0)) / scorers + sum(
+        float(value) for key, value in metrics.items() if key == "loop_seconds" or key.endswith("_loop_seconds"))
 
 
 def start_server(args: argparse.Namespace, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
