@@ -107,6 +107,21 @@ def test_self_instruct_loop_produces_novel_instructions_at_target(tmp_path) -> N
     assert sum(seed in later_prompts for seed in seeds) == min(len(seeds), gen.self_instruct.examples - 2)
 
 
+
+def test_self_instruct_answers_a_large_round_in_chunks_with_the_same_instances(tmp_path, monkeypatch) -> None:
+    """A round's tasks are answered ANSWER_CHUNK at a time and handed on per chunk; the instances do not change."""
+    import unifit.generation.self_instruct as self_instruct
+
+    cfg = make_cfg(tmp_path, self_instruct={"target": 10, "new_per_prompt": 4})
+    whole: list[Instance] = []
+    run_self_instruct(cfg.domain, cfg.generate, Scripted(), GenerationParams(), 10, "m", keep=whole.extend)
+    monkeypatch.setattr(self_instruct, "ANSWER_CHUNK", 3)
+    handed: list[list[Instance]] = []
+    chunked = Scripted()
+    run_self_instruct(cfg.domain, cfg.generate, chunked, GenerationParams(), 10, "m", keep=handed.append)
+    assert [i.messages for chunk in handed for i in chunk] == [i.messages for i in whole] and len(whole) == 10
+    assert max(len(chunk) for chunk in handed) == 3 and len(handed) >= 4
+
 def test_stage_self_instruct_matches_tree_count_and_is_reused(tmp_path) -> None:
     cfg = make_cfg(tmp_path, self_instruct={"enabled": True})
     counts = run(context(cfg), Scripted())

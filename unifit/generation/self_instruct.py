@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 STALL_ROUNDS = 3  # rounds in a row without one new instruction before giving up
+ANSWER_CHUNK = 8192  # tasks answered per call: enough to fill every engine, and a round holds only one chunk's answers
 # Which kept tasks get a ROUGE-L check. For texts without repeated words, ROUGE-L F1 > 0.7 needs more than
 # 0.35 * (len a + len b) shared words, i.e. a word-set Jaccard similarity above 0.35 / 0.65 = 0.54. LSH at 0.4
 # (32 bands of 4 MinHash values) proposes ~94% of pairs at 0.54; of those, only pairs whose 128-value estimate
@@ -128,8 +129,8 @@ def run_self_instruct(
 ) -> Counter[str]:
     """Bootstrap until `target` answered instructions pass the filters (or the model stops producing new ones).
 
-    Each round's instances go to `keep` as they are answered (the stage writes them to shards), so a 500K baseline
-    is never held in memory; the returned counts say what was kept and dropped.
+    Instances go to `keep` one answered chunk at a time (the stage writes them to shards), so a 500K baseline is
+    never held in memory whole; the returned counts say what was kept and dropped.
     """
     rng = random.Random(seed)
     seeds = seed_tasks(domain, list(gen.scopes), list(gen.self_instruct.seeds))
@@ -155,28 +156,36 @@ def run_self_instruct(
         batch, unanswered = unanswered[:needed], unanswered[needed:]  # answer only what the target still needs
         if not batch:
             continue
-        answers = model.complete([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in batch], round_params)
-        counts["answer_calls"] += len(batch)
-        instances: list[Instance] = []
-        for task, completion in zip(batch, answers):
-            if completion.finish_reason == "length":
-                counts["answer_truncated"] += 1
-                continue
-            reason = reject_reason(task, completion.text, gen)
-            if reason:
-                counts[f"answer_{reason}"] += 1
-                continue
-            messages = [{"role": "user", "content": task}, {"role": "assistant", "content": completion.text.strip()}]
-            instances.append(Instance(messages=messages, leaf_id=node_id([domain]), concept_path=[domain],
-                                      source="self_instruct", generator=generator))
-        keep(instances)
-        kept += len(instances)
+        for chunk_start in range(0, len(batch), ANSWER_CHUNK):
+            instances = _answer(gen, domain, batch[chunk_start : chunk_start + ANSWER_CHUNK], model, round_params, generator, counts)
+            keep(instances)
+            kept += len(instances)
         log.info("self-instruct round %d: %d answered, %d/%d instances", round_index + 1, len(batch), kept, target)
     counts["instructions_unanswered"] = len(unanswered)
     counts["stopped_below_target"] = int(kept < target)
     counts["instances"] = kept
     counts["novelty_lcs_checks"] = novelty.lcs_checks
     return counts
+
+
+def _answer(gen: GenerateConfig, domain: str, tasks: list[str], model: ChatClient, params: GenerationParams,
+            generator: str, counts: Counter[str]) -> list[Instance]:
+    """Answer `tasks` in one call; the answered ones that pass the answer checks, as instances."""
+    answers = model.complete([with_answer_system_prompt(gen, [{"role": "user", "content": task}]) for task in tasks], params)
+    counts["answer_calls"] += len(tasks)
+    instances: list[Instance] = []
+    for task, completion in zip(tasks, answers):
+        if completion.finish_reason == "length":
+            counts["answer_truncated"] += 1
+            continue
+        reason = reject_reason(task, completion.text, gen)
+        if reason:
+            counts[f"answer_{reason}"] += 1
+            continue
+        messages = [{"role": "user", "content": task}, {"role": "assistant", "content": completion.text.strip()}]
+        instances.append(Instance(messages=messages, leaf_id=node_id([domain]), concept_path=[domain],
+                                  source="self_instruct", generator=generator))
+    return instances
 
 
 def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machine: list[str], novelty: NoveltyFilter,
