@@ -125,22 +125,26 @@ class NearDuplicateIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def similar(self, text: str, min_jaccard: float) -> list[str]:
-        """Keys of accepted texts LSH proposes for `text` whose estimated Jaccard similarity is at least `min_jaccard`, oldest first."""
-        return [self._keys[row] for row in self._similar_rows(minhash(text, self.shingle_size, self.num_perm), min_jaccard)]
+    def signature(self, text: str):
+        """`text`'s MinHash over this index's shingles (compute once, then ask `similar` and `insert` with it)."""
+        return minhash(text, self.shingle_size, self.num_perm)
+
+    def similar(self, signature, min_jaccard: float) -> list[str]:
+        """Keys of accepted texts LSH proposes for `signature` whose estimated Jaccard similarity is at least `min_jaccard`, oldest first."""
+        return [self._keys[row] for row in self._similar_rows(signature, min_jaccard)]
 
     def _similar_rows(self, signature, min_jaccard: float) -> np.ndarray:
         rows = self._bands.query(self._bands.keys(signature.hashvalues))
-        estimates = (self._signatures[rows] == signature.hashvalues.astype(np.uint32)).mean(axis=1)
-        return rows[estimates >= min_jaccard]
+        equal = np.count_nonzero(self._signatures[rows] == signature.hashvalues.astype(np.uint32), axis=1)
+        return rows[equal / self.num_perm >= min_jaccard]
 
-    def insert(self, key: str, text: str) -> None:
-        """Index `text` unconditionally (the caller has decided it is novel)."""
-        self._store(key, minhash(text, self.shingle_size, self.num_perm))
+    def insert(self, key: str, signature) -> None:
+        """Index `signature` under `key` unconditionally (the caller has decided it is novel)."""
+        self._store(key, signature)
 
     def add(self, key: str, text: str) -> bool:
         """Accept `text` under `key` unless it near-duplicates an accepted text; True if accepted."""
-        signature = minhash(text, self.shingle_size, self.num_perm)
+        signature = self.signature(text)
         if key in self._rows or len(self._similar_rows(signature, self.threshold)):
             return False
         self._store(key, signature)

@@ -46,7 +46,7 @@ def test_first_of_a_group_wins_and_result_is_deterministic() -> None:
 def test_exact_key_repeat_rejected_and_similar_names_the_match() -> None:
     index = NearDuplicateIndex(0.8, 2)
     assert index.add("a", DISTINCT[0]) and not index.add("a", "totally different words here now")
-    assert index.similar(PARAPHRASES[0], 0.8) == ["a"] and index.similar(DISTINCT[2], 0.0) == []
+    assert index.similar(index.signature(PARAPHRASES[0]), 0.8) == ["a"] and index.similar(index.signature(DISTINCT[2]), 0.0) == []
     assert not index.add("b", PARAPHRASES[0]) and index.add("c", DISTINCT[2])
 
 
