@@ -87,24 +87,23 @@ class NoveltyFilter:
 
     def is_novel(self, text: str) -> bool:
         """No likely candidate among the kept instructions has a ROUGE-L F1 above the threshold with `text`."""
-        return self._is_novel(text, self._index.signature(text))
+        return self._is_novel(self._tokenizer.tokenize(text), self._index.signature(text))
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
-        self._remember(text, self._index.signature(text))
+        self._remember(self._tokenizer.tokenize(text), self._index.signature(text))
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
-        signature = self._index.signature(text)
-        if not self._is_novel(text, signature):
+        tokens, signature = self._tokenizer.tokenize(text), self._index.signature(text)  # each computed once
+        if not self._is_novel(tokens, signature):
             return False
-        self._remember(text, signature)
+        self._remember(tokens, signature)
         return True
 
-    def _is_novel(self, text: str, signature) -> bool:
+    def _is_novel(self, tokens: list[str], signature) -> bool:
         from rouge_score.rouge_scorer import _score_lcs
 
-        tokens = self._tokenizer.tokenize(text)
         counts = Counter(tokens)
         for key in self._index.similar(signature, ESTIMATED_JACCARD_FLOOR):
             kept = self._tokens[key]
@@ -119,10 +118,10 @@ class NoveltyFilter:
                 return False
         return True
 
-    def _remember(self, text: str, signature) -> None:
+    def _remember(self, tokens: list[str], signature) -> None:
         key = str(len(self._tokens))
         self._index.insert(key, signature)
-        self._tokens[key] = tuple(sys.intern(token) for token in self._tokenizer.tokenize(text))  # one copy per distinct word
+        self._tokens[key] = tuple(sys.intern(token) for token in tokens)  # one copy per distinct word
 
 
 def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[str, str]]:
