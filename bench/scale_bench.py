@@ -148,7 +148,7 @@ def run_stage(stage: str, args: argparse.Namespace, url: str, run_dir: Path, env
     """One stage in its own driver process; its output goes to <run_dir>/bench-<stage>.log (a pipe nobody reads
     while the stage runs would fill and stall the driver)."""
     command = [sys.executable, "-m", "unifit.launch", *overrides(args.instances, url, run_dir, train_steps=args.train_steps,
-                                                                 test_questions=args.test_questions), f"stages=[{stage}]"]
+                                                                 test_questions=args.test_questions), *args.override, f"stages=[{stage}]"]
     before, server_before = server_metrics(url), cpu_seconds(server_pid)
     log_path = run_dir / f"bench-{stage}.log"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +204,8 @@ def main() -> int:
     parser.add_argument("--seconds-per-token", type=float, default=0.0, help="the stand-in's decode delay (0 = full speed)")
     parser.add_argument("--gpu-tokens-per-s", type=float, default=2500.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more launch override, after the bench's own (repeatable; e.g. generate.self_instruct.enabled=false)")
     args = parser.parse_args()
 
     run_dir = (args.out or Path(tempfile.mkdtemp(prefix="scale_bench-"))).resolve()

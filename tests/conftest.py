@@ -22,6 +22,8 @@ from unifit.config import ModelConfig, UnifitConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# the project's real data sits in `shared/data` beside the checkout (CI) or beside a parent folder of it (worktrees)
+SHARED_DATA = next((p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared" / "data")
 
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, seed=0)

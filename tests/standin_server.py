@@ -77,8 +77,8 @@ class StandinScript(Script):
         if kind == "followup_qa":
             return f"Question: {self.question(rng, FOLLOWUP_QUESTION, '')}\nAnswer: {self.prose(rng, '')}"
         if kind == "self_instruct":
-            return "\n".join(f"{i}. {SELF_INSTRUCT_TASK} {self.phrase(rng, 8)} when {self.phrase(rng, 4)} is enabled."
-                             for i in range(1, n + 1))
+            # as alike as real instructions (tests/test_standin_server.py): one fixed opening, 7 to 13 words of their own
+            return "\n".join(f"{i}. {self.question(rng, SELF_INSTRUCT_TASK, '')}" for i in range(1, n + 1))
         if kind == "test_question":
             return f"Which {self.phrase(rng, 3)} setting of {topic} matters most for {self.phrase(rng, 3)}?"
         if kind.startswith("answer:"):

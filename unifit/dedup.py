@@ -82,9 +82,10 @@ class BandIndex:
         found = [self._buffer_rows[: self._buffered][(self._buffer_keys[: self._buffered] == keys).any(axis=1)]]
         for level_keys, level_rows in self._levels:
             starts = np.searchsorted(level_keys, keys, side="left")
-            ends = np.searchsorted(level_keys, keys, side="right")
-            hit = ends > starts
-            found.extend(level_rows[start:end] for start, end in zip(starts[hit], ends[hit]))
+            lengths = np.searchsorted(level_keys, keys, side="right") - starts
+            # every matching position at once: each run's start repeated over its length, plus 0, 1, ... within it
+            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            found.append(level_rows[np.repeat(starts, lengths) + offsets])
         return np.unique(np.concatenate(found)).astype(np.int64)
 
     def _flush(self) -> None:

@@ -6,13 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from unifit.evaluation.test_sets import load_test_set
 from unifit.stage import UserError
-
-# the project's real data sits in `shared/data` beside the checkout (CI) or beside a parent folder of it (worktrees)
-SHARED = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[2].parents if (p / "shared" / "data").is_dir()),
-              Path(__file__).resolve().parents[2].parent / "shared" / "data")
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -32,11 +29,11 @@ def test_each_layout_imports(tmp_path: Path, row: dict, question: str, qid: str)
     assert name == "mine" and rows[0]["question"] == question and rows[0]["question_id"] == f"mine:{qid}"
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"{SHARED} (the shared real data) is not beside this checkout")
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} (the shared real data) is not beside this checkout")
 def test_the_real_vicuna_and_koala_sets_load() -> None:
-    name, vicuna = load_test_set(SHARED / "vicuna_test_set.jsonl")
+    name, vicuna = load_test_set(SHARED_DATA / "vicuna_test_set.jsonl")
     assert name == "vicuna_test_set" and len(vicuna) == 80 and vicuna[0]["question"] == "How can I improve my time management skills?"
-    _, koala = load_test_set(SHARED / "koala_test_set.jsonl")
+    _, koala = load_test_set(SHARED_DATA / "koala_test_set.jsonl")
     assert len(koala) == 180 and koala[0]["question_id"] == "koala_test_set:koala_0"
 
 
