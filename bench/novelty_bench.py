@@ -1,0 +1,64 @@
+"""How the Self-Instruct novelty filter's cost grows with the pool: `NoveltyFilter(0.7).add` over stand-in tasks.
+
+`python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
+real Alpaca instructions: tests/test_standin_server.py), adds them one by one as `run_self_instruct` does, and
+prints per block of `--every` tasks the seconds it took, the LSH candidates per task, the LCS tables computed and
+the process's RSS; at the end the memory the filter holds per 1,000 kept tasks (RSS growth after the first block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from garbage_server import SELF_INSTRUCT_TASK  # noqa: E402
+from standin_server import StandinScript  # noqa: E402
+
+from unifit.generation.self_instruct import NoveltyFilter  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--every", type=int, default=50_000)
+    args = parser.parse_args()
+    rng, script = random.Random(0), StandinScript()
+    novelty = NoveltyFilter(0.7)
+    bands = novelty._index._bands
+    query, proposed = bands.query, [0]
+
+    def counted_query(keys: np.ndarray) -> np.ndarray:
+        rows = query(keys)
+        proposed[0] += len(rows)
+        return rows
+
+    bands.query = counted_query
+    process = psutil.Process()
+    print("| tasks | block s | LSH candidates per task | LCS tables | RSS GB |\n|---:|---:|---:|---:|---:|")
+    started = block_start = time.perf_counter()
+    block_first, first_block_end = 0, None  # tasks before the block; (RSS, kept) after the first block
+    for done in range(1, args.tasks + 1):
+        novelty.add(script.question(rng, SELF_INSTRUCT_TASK, ""))
+        if done % args.every == 0 or done == args.tasks:
+            now, rss = time.perf_counter(), process.memory_info().rss
+            first_block_end = first_block_end or (rss, len(novelty))
+            print(f"| {done:,} | {now - block_start:.1f} | {proposed[0] / (done - block_first):.0f} | {novelty.lcs_checks:,} | "
+                  f"{rss / 2**30:.2f} |", flush=True)
+            block_start, block_first, proposed[0] = now, done, 0
+    kept = len(novelty)
+    per_k = (process.memory_info().rss - first_block_end[0]) / max(1, kept - first_block_end[1]) * 1000 / 2**20
+    print(f"\n{kept:,} of {args.tasks:,} kept in {time.perf_counter() - started:.1f} s; RSS grew {per_k:.2f} MB per 1,000 kept tasks "
+          "after the first block")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
