@@ -12,8 +12,10 @@ inside model calls (the stand-in busy, the IFD scorers' forwards, the training l
 and the stand-in's; then the pipeline's own cost per 1,000 instances (wall time outside model calls, and
 its processes' CPU time, which a machine shared with other jobs does not inflate) against what one GPU would
 spend decoding those instances' tokens at `--gpu-tokens-per-s`. Each stage's output is in
-<run dir>/bench-<stage>.log. A rerun with the same `--out` resumes: finished stages are
-skipped by the pipeline (their numbers are then those of the run that computed them).
+<run dir>/bench-<stage>.log, its numbers in <run dir>/bench-<stage>.json; the table and the cost per 1,000 instances
+cover every stage measured in that run directory, so a run made stage by stage (`--stages`, same `--out`) ends
+with the whole run's. A rerun with the same `--out` resumes: a stage whose numbers are there is not run again
+(delete its bench-<stage>.json to measure it again), an interrupted one resumes from its finished shards.
 """
 
 from __future__ import annotations
@@ -213,15 +215,20 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: uuid.uuid4().hex, "RAY_TMPDIR": str(ray_tmp),
            "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     server, url = start_server(args, env)
-    results: list[StageResult] = []
     try:
         for stage in args.stages.split(","):
-            results.append(run_stage(stage, args, url, run_dir, env, server.pid))
-            r = results[-1]
-            print(f"{stage}: {r.wall_s:.1f}s", file=sys.stderr, flush=True)
+            measured = run_dir / f"bench-{stage}.json"
+            if measured.exists():
+                print(f"{stage}: measured before ({measured})", file=sys.stderr)
+                continue
+            result = run_stage(stage, args, url, run_dir, env, server.pid)
+            measured.write_text(json.dumps(asdict(result), indent=2))
+            print(f"{stage}: {result.wall_s:.1f}s", file=sys.stderr, flush=True)
     finally:
         server.terminate()
         server.wait()
+    # every stage measured in this run directory, this invocation's and earlier ones' (a run made stage by stage)
+    results = [StageResult(**json.loads(path.read_text())) for stage in STAGES if (path := run_dir / f"bench-{stage}.json").exists()]
     instances = sum(pq_rows(run_dir / "generate" / "instances"))
     print_table(results, instances, args, run_dir)
     if args.json:
