@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,27 +31,18 @@ def main() -> int:
     args = parser.parse_args()
     rng, script = random.Random(0), StandinScript()
     novelty = NoveltyFilter(0.7)
-    bands = novelty._index._bands
-    query, proposed = bands.query, [0]
-
-    def counted_query(keys: np.ndarray) -> np.ndarray:
-        rows = query(keys)
-        proposed[0] += len(rows)
-        return rows
-
-    bands.query = counted_query
     process = psutil.Process()
     print("| tasks | block s | LSH candidates per task | LCS tables | RSS GB |\n|---:|---:|---:|---:|---:|")
     started = block_start = time.perf_counter()
-    block_first, first_block_end = 0, None  # tasks before the block; (RSS, kept) after the first block
+    block_first, block_candidates, first_block_end = 0, 0, None  # tasks and candidates before the block; (RSS, kept) after the first
     for done in range(1, args.tasks + 1):
         novelty.add(script.question(rng, SELF_INSTRUCT_TASK, ""))
         if done % args.every == 0 or done == args.tasks:
             now, rss = time.perf_counter(), process.memory_info().rss
             first_block_end = first_block_end or (rss, len(novelty))
-            print(f"| {done:,} | {now - block_start:.1f} | {proposed[0] / (done - block_first):.0f} | {novelty.lcs_checks:,} | "
+            print(f"| {done:,} | {now - block_start:.1f} | {(novelty.lsh_candidates - block_candidates) / (done - block_first):.0f} | {novelty.lcs_checks:,} | "
                   f"{rss / 2**30:.2f} |", flush=True)
-            block_start, block_first, proposed[0] = now, done, 0
+            block_start, block_first, block_candidates = now, done, novelty.lsh_candidates
     kept = len(novelty)
     per_k = (process.memory_info().rss - first_block_end[0]) / max(1, kept - first_block_end[1]) * 1000 / 2**20
     print(f"\n{kept:,} of {args.tasks:,} kept in {time.perf_counter() - started:.1f} s; RSS grew {per_k:.2f} MB per 1,000 kept tasks "

@@ -82,10 +82,9 @@ class BandIndex:
         found = [self._buffer_rows[: self._buffered][(self._buffer_keys[: self._buffered] == keys).any(axis=1)]]
         for level_keys, level_rows in self._levels:
             starts = np.searchsorted(level_keys, keys, side="left")
-            lengths = np.searchsorted(level_keys, keys, side="right") - starts
-            # every matching position at once: each run's start repeated over its length, plus 0, 1, ... within it
-            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            found.append(level_rows[np.repeat(starts, lengths) + offsets])
+            ends = np.searchsorted(level_keys, keys, side="right")
+            hit = ends > starts
+            found.extend(level_rows[start:end] for start, end in zip(starts[hit], ends[hit]))
         return np.unique(np.concatenate(found)).astype(np.int64)
 
     def _flush(self) -> None:
@@ -121,6 +120,7 @@ class NearDuplicateIndex:
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # only for its bands x rows, chosen for the threshold
         self._bands = BandIndex(lsh.b, lsh.r)
         self._keys: list[str] = []  # row -> key
+        self.proposed = 0  # rows LSH proposed, summed over queries: what the bands cost before the estimate filters
         self._rows: dict[str, int] = {}
         # MinHash values are below 2**32 (datasketch masks them), so uint32 holds them exactly at half the memory.
         self._signatures = np.empty((1024, num_perm), dtype=np.uint32)
@@ -135,6 +135,7 @@ class NearDuplicateIndex:
 
     def _similar_rows(self, signature, min_jaccard: float) -> np.ndarray:
         rows = self._bands.query(self._bands.keys(signature.hashvalues))
+        self.proposed += len(rows)
         equal = np.count_nonzero(self._signatures[rows] == signature.hashvalues.astype(np.uint32), axis=1)
         return rows[equal / self.num_perm >= min_jaccard]
 

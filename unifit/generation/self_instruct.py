@@ -85,6 +85,11 @@ class NoveltyFilter:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    @property
+    def lsh_candidates(self) -> int:
+        """Kept instructions LSH proposed, summed over the checks (most are dropped by the estimate, before any LCS)."""
+        return self._index.proposed
+
     def is_novel(self, text: str) -> bool:
         """No likely candidate among the kept instructions has a ROUGE-L F1 above the threshold with `text`."""
         return self._is_novel(self._tokenizer.tokenize(text), self._index.signature(text))
@@ -170,6 +175,7 @@ def run_self_instruct(
     counts["instructions_unanswered"] = len(unanswered)
     counts["stopped_below_target"] = int(kept < target)
     counts["instances"] = kept
+    counts["novelty_lsh_candidates"] = novelty.lsh_candidates
     counts["novelty_lcs_checks"] = novelty.lcs_checks
     return counts
 
