@@ -238,3 +238,12 @@ def test_evaluate_stage_with_real_models(tmp_path: Path, ray_local: None, cache_
     assert serving["models_served"] == 3 and serving["model_calls"] >= 9
     assert [pool.stats.loads for pool in ctx.clients.pools.values()] == [2, 2, 2]
     assert serving["model_loads"] == 2 * 3 and serving["engine_starts"] == 0
+
+
+def test_training_index_holds_near_duplicate_training_texts_too() -> None:
+    """A test question close only to a training text that near-duplicates an earlier one is still caught."""
+    words = [f"w{i}" for i in range(140)]
+    # Jaccard: first-second 0.67 and second-question 0.67, above the 0.5 threshold; first-question 0.43, below it
+    first, second, question = (" ".join(words[shift : shift + 100]) for shift in (0, 20, 40))
+    index = training_index([first, second], threshold=0.5, shingle_size=1)
+    assert index.similar(index.signature(question), 0.5) == ["train:1"]

@@ -52,10 +52,14 @@ def parse_test_question(text: str) -> Optional[str]:
 
 
 def training_index(texts: Iterable[str], threshold: float, shingle_size: int) -> NearDuplicateIndex:
-    """LSH index over every training text (user turns), so candidates are checked in O(1) each."""
+    """LSH index over every training text (user turns), so candidates are checked in O(1) each.
+
+    Every text is inserted, near-duplicates of each other included: no check among them is needed (a test question
+    is compared with all of them), and skipping it took 2.7x less CPU (8.3 -> 3.1 s per 40K stand-in questions).
+    """
     index = NearDuplicateIndex(threshold, shingle_size)
     for i, text in enumerate(tqdm(texts, desc="indexing training questions", unit="q", leave=False)):
-        index.add(f"train:{i}", text)
+        index.insert(f"train:{i}", index.signature(text))
     return index
 
 
