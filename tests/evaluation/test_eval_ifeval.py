@@ -9,6 +9,7 @@ import json
 from importlib import resources
 
 import pytest
+from conftest import SHARED_DATA
 
 from unifit.evaluation.ifeval import check_response, load_prompts, score
 
@@ -144,9 +145,7 @@ def test_prompts_ship_with_the_package_unmodified_with_licence_and_source() -> N
     assert "Apache License" in folder.joinpath("LICENSE").read_text()
     assert "google-research" in folder.joinpath("README.md").read_text()
     assert len(load_prompts()) == 541 and [r["key"] for r in load_prompts(3)] == [json.loads(l)["key"] for l in data.decode().splitlines()[:3]]
-    from test_eval_test_sets import SHARED
-
-    shared = SHARED / "ifeval_input_data.jsonl"
+    shared = SHARED_DATA / "ifeval_input_data.jsonl"
     if shared.exists():
         assert shared.read_bytes() == data
 
