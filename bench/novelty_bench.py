@@ -18,7 +18,6 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from garbage_server import SELF_INSTRUCT_TASK  # noqa: E402
 from standin_server import StandinScript  # noqa: E402
 
 from unifit.generation.self_instruct import NoveltyFilter  # noqa: E402
@@ -36,7 +35,7 @@ def main() -> int:
     started = block_start = time.perf_counter()
     block_first, block_candidates, first_block_end = 0, 0, None  # tasks and candidates before the block; (RSS, kept) after the first
     for done in range(1, args.tasks + 1):
-        novelty.add(script.question(rng, SELF_INSTRUCT_TASK, ""))
+        novelty.add(script.task(rng))
         if done % args.every == 0 or done == args.tasks:
             now, rss = time.perf_counter(), process.memory_info().rss
             first_block_end = first_block_end or (rss, len(novelty))

@@ -77,8 +77,7 @@ class StandinScript(Script):
         if kind == "followup_qa":
             return f"Question: {self.question(rng, FOLLOWUP_QUESTION, '')}\nAnswer: {self.prose(rng, '')}"
         if kind == "self_instruct":
-            # as alike as real instructions (tests/test_standin_server.py): one fixed opening, 7 to 13 words of their own
-            return "\n".join(f"{i}. {self.question(rng, SELF_INSTRUCT_TASK, '')}" for i in range(1, n + 1))
+            return "\n".join(f"{i}. {self.task(rng)}" for i in range(1, n + 1))
         if kind == "test_question":
             return f"Which {self.phrase(rng, 3)} setting of {topic} matters most for {self.phrase(rng, 3)}?"
         if kind.startswith("answer:"):
@@ -88,6 +87,11 @@ class StandinScript(Script):
     @staticmethod
     def phrase(rng: random.Random, words: int) -> str:
         return " ".join(rng.choice(VOCABULARY) if rng.random() < 0.6 else rng.choice(LINKS) for _ in range(words))
+
+    def task(self, rng: random.Random) -> str:
+        """A Self-Instruct task, as alike to the others as real instructions are (tests/test_standin_server.py): the
+        opening answer requests are told apart by, then 7 to 13 words of its own."""
+        return self.question(rng, SELF_INSTRUCT_TASK, "")
 
     def question(self, rng: random.Random, opening: str, topic: str) -> str:
         """`opening` kept (answer requests are told apart by it), then words of its own: no two questions alike."""

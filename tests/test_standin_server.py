@@ -10,6 +10,7 @@ from conftest import SHARED_DATA, compose_config
 from standin_server import StandinScript
 
 from unifit.dedup import shingles
+from unifit.generation.parsing import clean_item, parse_list
 
 PAIRS = 20_000
 
@@ -37,7 +38,7 @@ def test_self_instruct_tasks_are_no_more_alike_than_real_instructions() -> None:
     tasks: list[str] = []
     for seed in range(len(real) // 8 + 1):
         reply, _ = script.reply(prompt, seed, 4096, False)
-        tasks += [line.split(". ", 1)[1] for line in reply.splitlines()]
+        tasks += parse_list(reply, clean_item)  # as run_self_instruct reads the reply
     assert len(set(tasks)) > 0.99 * len(tasks)
     real_share, standin_share = share_of_alike_pairs(real, 0.3), share_of_alike_pairs(tasks[: len(real)], 0.3)
     assert 0.001 < real_share < 0.01  # the reference itself: ~0.4% of real pairs
