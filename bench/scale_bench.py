@@ -264,7 +264,7 @@ def print_table(results: list[StageResult], instances: int, args: argparse.Names
           f"{args.gpu_tokens_per_s:,.0f} tokens/s: {gpu * per_k:.1f} s; the pipeline's own cost per 1,000 instances (goal <= 10% of it):")
     for label, own in (("wall time outside model calls", sum(r.outside_s for r in results)),
                        ("CPU time of the pipeline's processes", sum(r.pipeline_cpu_s for r in results))):
-        print(f"  {label}: {own * per_k:.1f} s = {own / gpu:.0%}")
+        print(f"  {label}: {own * per_k:.2f} s = {own / gpu:.1%}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ searching the rendered string for the answer text.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -87,9 +88,8 @@ def _render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: 
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _end_of_answer(tokenizer: Any, ids: list[int], start: int, stop: int) -> int:
+def _end_of_answer(special: set[int], ids: list[int], start: int, stop: int) -> int:
     """Answer end: just past the last special token in [start, stop) (the end-of-turn), else `stop`."""
-    special = set(tokenizer.all_special_ids)
     for index in range(stop - 1, start - 1, -1):
         if ids[index] in special:
             return index + 1
@@ -105,21 +105,16 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Message]) -> Tokeni
 
     def first_token_ending_after(char_pos: int) -> int:
         # tokens are in text order; a token straddling the boundary belongs to the answer side
-        lo, hi = 0, len(token_ends)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if token_ends[mid] <= char_pos:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return bisect.bisect_right(token_ends, char_pos)
 
+    special = set(tokenizer.all_special_ids)
     spans: list[AssistantSpan] = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt_text = _render(tokenizer, messages[:turn], add_generation_prompt=True)
-        through_text = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        through_text = (full_text if turn == len(messages) - 1  # the whole conversation, rendered above
+                        else _render(tokenizer, messages[: turn + 1], add_generation_prompt=False))
         if not (full_text.startswith(prompt_text) and full_text.startswith(through_text)):
             raise TemplateError(
                 "the chat template does not render conversations prefix-stably (e.g. it rewrites earlier turns); "
@@ -127,7 +122,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Message]) -> Tokeni
             )
         start = first_token_ending_after(len(prompt_text))
         stop = first_token_ending_after(len(through_text))
-        spans.append(AssistantSpan(start, _end_of_answer(tokenizer, ids, start, stop)))
+        spans.append(AssistantSpan(start, _end_of_answer(special, ids, start, stop)))
     return TokenizedConversation(ids, spans)
 
 

@@ -81,3 +81,14 @@ def test_unpacked_rows_come_in_seeded_order_and_are_kept_until_the_instances_cha
     streamed = stream_rows(changed, packing=False)
     assert streamed.columns() == ["input_ids", "labels"]
     assert streamed.count() == 80
+
+
+def test_rows_do_not_depend_on_how_the_encode_is_split_into_tasks(ray_local, tmp_path: Path, cache_dir: Path,
+                                                                   two_files: list[Path], monkeypatch) -> None:
+    model = tiny_model_config("llama")
+    model.max_length = 128
+    whole = build_rows(two_files, tmp_path / "whole", model_cfg=model, cache_dir=str(cache_dir), packing=True, seed=3)
+    monkeypatch.setattr("unifit.training.rows.ENCODE_BLOCK_ROWS", 16)  # 8 encode tasks instead of 2
+    split = build_rows(two_files, tmp_path / "split", model_cfg=model, cache_dir=str(cache_dir), packing=True, seed=3)
+    assert (split.rows, split.examples) == (whole.rows, whole.examples)
+    assert _rows(tmp_path / "split") == _rows(tmp_path / "whole")

@@ -31,6 +31,7 @@ ROWS_DIR = "rows"  # the default place of the rows, beside the model
 PLAN_FILE = "rows.json"  # inside ROWS_DIR: what the rows were built from, and their counts
 PACK_WINDOW = 4096  # conversations packed together: large enough to fill rows, small enough for one worker's batch
 ENCODE_BATCH = 512  # conversations tokenised per Ray Data batch
+ENCODE_BLOCK_ROWS = 4096  # conversations per encode task: a parquet shard is read as one block, which one task would encode
 SORT_PARTITION_ROWS = 20_000  # conversations per sorted block (~100 MB of 7B-sized token lists): one task each
 KEY_BITS = 60  # order keys are uniform in [0, 2**60): `order_key`
 TRAIN_COLUMNS = ("input_ids", "labels", "position_ids")
@@ -133,22 +134,30 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
     if kept is not None:
         log.info("training rows: %d rows in %s kept from an earlier run", kept.rows, rows_dir)
         return kept
-    dataset = ray.data.read_parquet([str(f) for f in files], columns=["id", "messages"])
-    dataset = dataset.map_batches(_encode, batch_size=ENCODE_BATCH, batch_format="pyarrow",
-                                  fn_kwargs=dict(model_cfg=model_cfg, cache_dir=str(cache_dir), seed=seed))
-    dataset = dataset.sort("key", boundaries=sort_boundaries(count_rows(files)))
-    if packing:
-        dataset = dataset.map_batches(_pack, batch_size=PACK_WINDOW, batch_format="pyarrow",
-                                      fn_kwargs=dict(max_length=model_cfg.max_length, seed=seed))
-    else:
-        dataset = dataset.drop_columns(["key"])
-    with atomic_dir(rows_dir) as tmp:
-        dataset.write_parquet(str(tmp))
-        written = sorted(tmp.glob("*.parquet"))
-        summary = RowsSummary(files=tuple(str(rows_dir / f.name) for f in written), rows=count_rows(written),
-                              examples=sum(len(ids) for ids in read_column(written, "ids")),
-                              instances=count_rows(files), truncated=sum(read_column(written, "truncated")))
-        (tmp / PLAN_FILE).write_text(json.dumps({"recipe": fingerprint(recipe), **summary.__dict__}, indent=1))
+    # Ray Data reserves a share of the CPUs for every operator after the encode (sort, pack, write), all of them light;
+    # on a 2-CPU node that left one encode task running at a time. Without the reservation every core tokenises.
+    context = ray.data.DataContext.get_current()
+    reserving, context.op_resource_reservation_enabled = context.op_resource_reservation_enabled, False
+    try:
+        dataset = ray.data.read_parquet([str(f) for f in files], columns=["id", "messages"])
+        dataset = dataset.repartition(target_num_rows_per_block=ENCODE_BLOCK_ROWS)
+        dataset = dataset.map_batches(_encode, batch_size=ENCODE_BATCH, batch_format="pyarrow",
+                                      fn_kwargs=dict(model_cfg=model_cfg, cache_dir=str(cache_dir), seed=seed))
+        dataset = dataset.sort("key", boundaries=sort_boundaries(count_rows(files)))
+        if packing:
+            dataset = dataset.map_batches(_pack, batch_size=PACK_WINDOW, batch_format="pyarrow",
+                                          fn_kwargs=dict(max_length=model_cfg.max_length, seed=seed))
+        else:
+            dataset = dataset.drop_columns(["key"])
+        with atomic_dir(rows_dir) as tmp:
+            dataset.write_parquet(str(tmp))
+            written = sorted(tmp.glob("*.parquet"))
+            summary = RowsSummary(files=tuple(str(rows_dir / f.name) for f in written), rows=count_rows(written),
+                                  examples=sum(len(ids) for ids in read_column(written, "ids")),
+                                  instances=count_rows(files), truncated=sum(read_column(written, "truncated")))
+            (tmp / PLAN_FILE).write_text(json.dumps({"recipe": fingerprint(recipe), **summary.__dict__}, indent=1))
+    finally:
+        context.op_resource_reservation_enabled = reserving
     log.info("training rows: %d instances -> %d examples (%d truncated, %d without an answer) -> %d rows in %s",
              summary.instances, summary.examples, summary.truncated, summary.dropped_no_answer, summary.rows, rows_dir)
     return summary
