@@ -29,7 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 UP_TO_FINETUNE = "[generate,sample,train_scorer,score,select,finetune]"
-NO_CACHE = ["backend.cache=false", "judge_backend.cache=false", "wandb.mode=disabled"]
+NO_CACHE = ["backend.cache=false", "wandb.mode=disabled"]  # the demo judges with `backend` (judge_backend unset)
 OUTPUTS = {"generate": ["instances", "self_instruct"], "evaluate": ["judge.json", "diversity.json", "ifeval.json"]}
 
 
