@@ -12,11 +12,12 @@ kept, and `plan_steps` counts their rows from the parquet footers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -136,9 +137,7 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
         return kept
     # Ray Data reserves a share of the CPUs for every operator after the encode (sort, pack, write), all of them light;
     # on a 2-CPU node that left one encode task running at a time. Without the reservation every core tokenises.
-    context = ray.data.DataContext.get_current()
-    reserving, context.op_resource_reservation_enabled = context.op_resource_reservation_enabled, False
-    try:
+    with _data_context(op_resource_reservation_enabled=False):
         dataset = ray.data.read_parquet([str(f) for f in files], columns=["id", "messages"])
         dataset = dataset.repartition(target_num_rows_per_block=ENCODE_BLOCK_ROWS)
         dataset = dataset.map_batches(_encode, batch_size=ENCODE_BATCH, batch_format="pyarrow",
@@ -156,8 +155,6 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
                                   examples=sum(len(ids) for ids in read_column(written, "ids")),
                                   instances=count_rows(files), truncated=sum(read_column(written, "truncated")))
             (tmp / PLAN_FILE).write_text(json.dumps({"recipe": fingerprint(recipe), **summary.__dict__}, indent=1))
-    finally:
-        context.op_resource_reservation_enabled = reserving
     log.info("training rows: %d instances -> %d examples (%d truncated, %d without an answer) -> %d rows in %s",
              summary.instances, summary.examples, summary.truncated, summary.dropped_no_answer, summary.rows, rows_dir)
     return summary
@@ -186,9 +183,22 @@ def stream_rows(summary: RowsSummary, packing: bool) -> Any:
     import ray
 
     columns = list(TRAIN_COLUMNS if packing else TRAIN_COLUMNS[:2])
-    context = ray.data.DataContext.get_current()
-    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
+    with _data_context(use_datasource_v2=False):
         return ray.data.read_parquet(list(summary.files), columns=columns, num_cpus=0)
+
+
+@contextlib.contextmanager
+def _data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data settings (`DataContext` fields) set while the block runs and restored after it, so that only the
+    datasets made inside it see them."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
     finally:
-        context.use_datasource_v2 = use_v2
+        for name, value in before.items():
+            setattr(context, name, value)
