@@ -3,15 +3,17 @@
 `shared`: as the pipeline runs, one pool per model for the whole stage (each model loaded once per actor).
 `per_call`: every call that reaches a model starts a pool of its own and releases it when the call ends, as
 before the model client (a new Ray Data actor pool per call). Nothing else differs (same code, same settings, the
-completion cache off so every call reaches its model, seeded sampling), so the wall-time difference is what the
-start-ups cost; the bench checks that both modes wrote the same outputs.
+completion cache off so every call reaches its model, seeded sampling), so the difference in a stage's time is
+what the start-ups cost; the bench checks that both modes wrote the same outputs.
 
     python bench/startup_bench.py --out /tmp/startup [KEY=VALUE ...]
 
 runs the demo's stages up to finetune once in <out>/run (its generate is the `shared` generate), then generate
 `per_call` in <out>/per_call, then evaluate in <out>/run in both modes; extra KEY=VALUE go to every launch. Per
-stage and mode it prints wall time, model loads, the seconds the loads took inside their actors, from request to
-ready per actor, and inside model calls; the numbers go to <out>/startup_bench.json.
+stage and mode it prints the stage's seconds, model loads, the seconds the loads took inside their actors, from
+request to ready per actor, and inside model calls; the numbers go to <out>/startup_bench.json. One launch in one
+mode, to repeat a measurement: `python bench/startup_bench.py --child per_call -- run_dir=... 'stages=[evaluate]'
+backend.cache=false`.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ def row(stage: str, mode: str, timings: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="where the runs go (required)")
-    parser.add_argument("--child", choices=["shared", "per_call"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help="where the runs go (required unless --child)")
+    parser.add_argument("--child", choices=["shared", "per_call"], help="run one launch in this mode with the overrides given")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.child:
