@@ -19,6 +19,8 @@ import sys
 from collections import Counter
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 from unifit.config import GenerateConfig
 from unifit.dedup import NearDuplicateIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
@@ -215,7 +217,7 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
                 reject_foreign_script=True)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
     new: list[str] = []
-    for result in asked:
+    for result in tqdm(asked, desc="self-instruct novelty", unit="reply", leave=False):  # ~20 min for 500K tasks on CPU
         if result.value is None:
             counts["unparsable_instruction_replies"] += 1
             continue
