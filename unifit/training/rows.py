@@ -135,6 +135,7 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
     if kept is not None:
         log.info("training rows: %d rows in %s kept from an earlier run", kept.rows, rows_dir)
         return kept
+    instance_count = count_rows(files)
     # Ray Data reserves a share of the CPUs for every operator after the encode (sort, pack, write), all of them light;
     # on a 2-CPU node that left one encode task running at a time. Without the reservation every core tokenises.
     with _data_context(op_resource_reservation_enabled=False):
@@ -142,7 +143,7 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
         dataset = dataset.repartition(target_num_rows_per_block=ENCODE_BLOCK_ROWS)
         dataset = dataset.map_batches(_encode, batch_size=ENCODE_BATCH, batch_format="pyarrow",
                                       fn_kwargs=dict(model_cfg=model_cfg, cache_dir=str(cache_dir), seed=seed))
-        dataset = dataset.sort("key", boundaries=sort_boundaries(count_rows(files)))
+        dataset = dataset.sort("key", boundaries=sort_boundaries(instance_count))
         if packing:
             dataset = dataset.map_batches(_pack, batch_size=PACK_WINDOW, batch_format="pyarrow",
                                           fn_kwargs=dict(max_length=model_cfg.max_length, seed=seed))
@@ -153,7 +154,7 @@ def build_rows(instances: str | Path | Sequence[str | Path], rows_dir: Path, *, 
             written = sorted(tmp.glob("*.parquet"))
             summary = RowsSummary(files=tuple(str(rows_dir / f.name) for f in written), rows=count_rows(written),
                                   examples=sum(len(ids) for ids in read_column(written, "ids")),
-                                  instances=count_rows(files), truncated=sum(read_column(written, "truncated")))
+                                  instances=instance_count, truncated=sum(read_column(written, "truncated")))
             (tmp / PLAN_FILE).write_text(json.dumps({"recipe": fingerprint(recipe), **summary.__dict__}, indent=1))
     log.info("training rows: %d instances -> %d examples (%d truncated, %d without an answer) -> %d rows in %s",
              summary.instances, summary.examples, summary.truncated, summary.dropped_no_answer, summary.rows, rows_dir)
