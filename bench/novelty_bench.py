@@ -2,7 +2,7 @@
 
 `python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
 real Alpaca instructions: tests/test_standin_server.py), adds them one by one as `run_self_instruct` does, and
-prints per block of `--every` tasks the seconds it took, the LSH candidates per task, the LCS tables computed and
+prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS tables computed and
 the process's RSS; at the end the memory the filter holds per 1,000 kept tasks (RSS growth after the first block).
 """
 
@@ -31,7 +31,7 @@ def main() -> int:
     rng, script = random.Random(0), StandinScript()
     novelty = NoveltyFilter(0.7)
     process = psutil.Process()
-    print("| tasks | block s | LSH candidates per task | LCS tables | RSS GB |\n|---:|---:|---:|---:|---:|")
+    print("| tasks | block s | candidates per task | LCS tables | RSS GB |\n|---:|---:|---:|---:|---:|")
     started = block_start = time.perf_counter()
     block_first, block_candidates, first_block_end = 0, 0, None  # tasks and candidates before the block; (RSS, kept) after the first
     for done in range(1, args.tasks + 1):
@@ -39,9 +39,9 @@ def main() -> int:
         if done % args.every == 0 or done == args.tasks:
             now, rss = time.perf_counter(), process.memory_info().rss
             first_block_end = first_block_end or (rss, len(novelty))
-            print(f"| {done:,} | {now - block_start:.1f} | {(novelty.lsh_candidates - block_candidates) / (done - block_first):.0f} | {novelty.lcs_checks:,} | "
+            print(f"| {done:,} | {now - block_start:.1f} | {(novelty.candidates - block_candidates) / (done - block_first):.0f} | {novelty.lcs_checks:,} | "
                   f"{rss / 2**30:.2f} |", flush=True)
-            block_start, block_first, block_candidates = now, done, novelty.lsh_candidates
+            block_start, block_first, block_candidates = now, done, novelty.candidates
     kept = len(novelty)
     per_k = (process.memory_info().rss - first_block_end[0]) / max(1, kept - first_block_end[1]) * 1000 / 2**20
     print(f"\n{kept:,} of {args.tasks:,} kept in {time.perf_counter() - started:.1f} s; RSS grew {per_k:.2f} MB per 1,000 kept tasks "

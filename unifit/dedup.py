@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 NUM_PERM = 128
+FILTER_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier: spreads keys over a KeyIndex's filter
 _WORD = re.compile(r"\w+", re.UNICODE)
 _POSSESSIVE = re.compile(r"'s\b")
 
@@ -44,51 +45,75 @@ def minhash(text: str, size: int, num_perm: int = NUM_PERM):
     return signature
 
 
-class BandIndex:
-    """MinHash LSH bands in sorted numpy arrays: which indexed rows share at least one band with a signature.
+class KeyIndex:
+    """A multimap from 64-bit keys to rows, in sorted numpy arrays: which rows hold any of a set of keys.
 
-    The same candidates as datasketch's MinHashLSH for the same bands and rows (a band is keyed by a 64-bit hash
-    of its values), in ~12 bytes per row and band instead of a Python set and dict entries per band (with 32 bands,
-    the Self-Instruct novelty filter held 11.3 MB per 1,000 instructions on datasketch's, 2.4 MB on this). New rows wait in a small buffer that queries scan; full buffers
-    become sorted levels, merged pairwise like a binary counter, so inserts cost O(log n) amortised and a query
-    a binary search per level.
+    ~12 bytes per (key, row) instead of a Python set and dict entry each. New pairs wait in a small buffer that
+    queries scan; a full buffer becomes a sorted level, and levels merge pairwise like a binary counter, so an
+    insert costs O(log n) amortised and a query a binary search per level.
     """
 
-    BUFFER = 4096
-
-    def __init__(self, bands: int, rows_per_band: int, seed: int = 1) -> None:
-        self.bands, self.rows_per_band = bands, rows_per_band
-        # Per band and position an odd 64-bit multiplier: the band's key is the wrapping sum of value x multiplier.
-        self._multipliers = np.random.default_rng(seed).integers(1, 2**63, size=(bands, rows_per_band), dtype=np.uint64) | np.uint64(1)
-        self._levels: list[tuple[np.ndarray, np.ndarray]] = []  # (band keys sorted, their rows), largest first
-        self._buffer_keys = np.empty((self.BUFFER, bands), dtype=np.uint64)
-        self._buffer_rows = np.empty(self.BUFFER, dtype=np.int32)
+    def __init__(self, buffer: int = 8192, filter_bits: int = 0) -> None:
+        """`filter_bits`: with b > 0, a 2**b-bit filter of the indexed keys (2**(b-3) bytes) lets a query search the
+        levels only for keys that may be indexed: worth it when most queried keys are not."""
+        self._levels: list[tuple[np.ndarray, np.ndarray]] = []  # (keys sorted, their rows), largest first
+        self._filter_shift = np.uint64(64 - filter_bits)
+        self._filter = np.zeros(2 ** filter_bits // 8 if filter_bits else 0, dtype=np.uint8)
+        self._buffer_keys = np.empty(buffer, dtype=np.uint64)
+        self._buffer_rows = np.empty(buffer, dtype=np.int32)
         self._buffered = 0
 
-    def keys(self, hashvalues: np.ndarray) -> np.ndarray:
-        """One key per band of a signature's hash values."""
-        values = hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band).astype(np.uint64)
-        return (values * self._multipliers).sum(axis=1, dtype=np.uint64)
-
     def insert(self, row: int, keys: np.ndarray) -> None:
-        self._buffer_keys[self._buffered] = keys
-        self._buffer_rows[self._buffered] = row
-        self._buffered += 1
-        if self._buffered == self.BUFFER:
-            self._flush()
+        """Index `row` under each of `keys`."""
+        self._mark(keys)
+        while len(keys):
+            room = min(len(keys), len(self._buffer_keys) - self._buffered)
+            self._buffer_keys[self._buffered : self._buffered + room] = keys[:room]
+            self._buffer_rows[self._buffered : self._buffered + room] = row
+            self._buffered += room
+            keys = keys[room:]
+            if self._buffered == len(self._buffer_keys):
+                self._flush()
 
     def query(self, keys: np.ndarray) -> np.ndarray:
-        """Rows sharing a band key with `keys`, sorted, each once."""
-        found = [self._buffer_rows[: self._buffered][(self._buffer_keys[: self._buffered] == keys).any(axis=1)]]
+        """Rows indexed under any of `keys`, sorted, each once."""
+        if len(self._filter):
+            keys = keys[self._marked(keys)]
+        if not len(keys):
+            return np.empty(0, dtype=np.int64)
+        wanted = np.sort(keys)
+        buffered = self._buffer_keys[: self._buffered]
+        at = np.minimum(np.searchsorted(wanted, buffered), len(wanted) - 1)
+        found = [self._buffer_rows[: self._buffered][wanted[at] == buffered]]
         for level_keys, level_rows in self._levels:
-            starts = np.searchsorted(level_keys, keys, side="left")
-            ends = np.searchsorted(level_keys, keys, side="right")
-            hit = ends > starts
-            found.extend(level_rows[start:end] for start, end in zip(starts[hit], ends[hit]))
+            starts = np.minimum(np.searchsorted(level_keys, wanted), len(level_keys) - 1)
+            hit = level_keys[starts] == wanted  # most keys miss: the second search runs for the hits only
+            ends = np.searchsorted(level_keys, wanted[hit], side="right")
+            found.extend(level_rows[start:end] for start, end in zip(starts[hit], ends))
         return np.unique(np.concatenate(found)).astype(np.int64)
 
+    def bulk_insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Index each `rows[i]` under `keys[i]`, as one sorted level (faster to build and to query than inserts)."""
+        self._mark(keys)
+        self._levels.append(_sorted_level(keys.astype(np.uint64), rows.astype(np.int32)))
+        self._levels.sort(key=lambda level: -len(level[0]))
+
+    def _filter_bits(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's byte in the filter and its bit there (from the key's mixed high bits)."""
+        position = (keys.astype(np.uint64) * FILTER_MIX) >> self._filter_shift
+        return position >> np.uint64(3), (np.uint64(1) << (position & np.uint64(7))).astype(np.uint8)
+
+    def _mark(self, keys: np.ndarray) -> None:
+        if len(self._filter):
+            byte, bit = self._filter_bits(keys)
+            np.bitwise_or.at(self._filter, byte, bit)
+
+    def _marked(self, keys: np.ndarray) -> np.ndarray:
+        byte, bit = self._filter_bits(keys)
+        return (self._filter[byte] & bit) != 0
+
     def _flush(self) -> None:
-        self._levels.append(_sorted_level(self._buffer_keys.reshape(-1), np.repeat(self._buffer_rows, self.bands)))
+        self._levels.append(_sorted_level(self._buffer_keys, self._buffer_rows))
         self._buffered = 0
         while len(self._levels) > 1 and len(self._levels[-2][0]) <= len(self._levels[-1][0]):
             (keys_a, rows_a), (keys_b, rows_b) = self._levels.pop(-2), self._levels.pop()
@@ -99,6 +124,35 @@ def _sorted_level(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     """(keys, rows) ordered by key (copies: a level never shares memory with the buffer)."""
     order = np.argsort(keys, kind="stable")
     return keys[order], rows[order]
+
+
+class BandIndex:
+    """MinHash LSH bands in a `KeyIndex`: which indexed rows share at least one band with a signature.
+
+    The same candidates as datasketch's MinHashLSH for the same bands and rows (a band is keyed by a 64-bit hash
+    of its values, different per band), in ~12 bytes per row and band (with 32 bands, the near-duplicate index of
+    Self-Instruct tasks held 11.3 MB per 1,000 on datasketch's, 2.4 MB on this).
+    """
+
+    BUFFER = 4096  # rows in the buffer
+
+    def __init__(self, bands: int, rows_per_band: int, seed: int = 1) -> None:
+        self.bands, self.rows_per_band = bands, rows_per_band
+        # Per band and position an odd 64-bit multiplier: the band's key is the wrapping sum of value x multiplier.
+        self._multipliers = np.random.default_rng(seed).integers(1, 2**63, size=(bands, rows_per_band), dtype=np.uint64) | np.uint64(1)
+        self._keys = KeyIndex(self.BUFFER * bands)
+
+    def keys(self, hashvalues: np.ndarray) -> np.ndarray:
+        """One key per band of a signature's hash values."""
+        values = hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band).astype(np.uint64)
+        return (values * self._multipliers).sum(axis=1, dtype=np.uint64)
+
+    def insert(self, row: int, keys: np.ndarray) -> None:
+        self._keys.insert(row, keys)
+
+    def query(self, keys: np.ndarray) -> np.ndarray:
+        """Rows sharing a band key with `keys`, sorted, each once."""
+        return self._keys.query(keys)
 
 
 class NearDuplicateIndex:

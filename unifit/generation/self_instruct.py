@@ -4,13 +4,15 @@ Same domain, same generator model and the same target size as the concept tree, 
 win-rate comparisons measure the method, not the budget. Each round: sample in-context tasks (seed
 tasks plus up to 2 machine-generated ones), ask for new tasks, keep those that pass Wang et al.'s
 heuristic filters and are novel (ROUGE-L F1 <= threshold against every kept task), answer them.
-Novelty is checked only against MinHash-LSH candidates whose estimated word Jaccard similarity could allow a
-ROUGE-L F1 above the threshold, so no Python work grows with the whole pool.
+Novelty is exact, but checked only against the kept tasks that share enough tokens to exceed the threshold,
+found through keys of three rarer tokens (`NoveltyFilter`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import math
 import random
@@ -19,10 +21,11 @@ import sys
 from collections import Counter
 from typing import Callable, Optional
 
+import numpy as np
 from tqdm import tqdm
 
 from unifit.config import GenerateConfig
-from unifit.dedup import NearDuplicateIndex
+from unifit.dedup import KeyIndex
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
 from unifit.generation.parsing import clean_item, drop_last, parse_list
 from unifit.concept_tree import node_id
@@ -37,12 +40,12 @@ UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures",
                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 STALL_ROUNDS = 3  # rounds in a row without one new instruction before giving up
 ANSWER_CHUNK = 8192  # tasks answered per call: enough to fill every engine, and a round holds only one chunk's answers
-# Which kept tasks get a ROUGE-L check. For texts without repeated words, ROUGE-L F1 > 0.7 needs more than
-# 0.35 * (len a + len b) shared words, i.e. a word-set Jaccard similarity above 0.35 / 0.65 = 0.54. LSH at 0.4
-# (32 bands of 4 MinHash values) proposes ~94% of pairs at 0.54; of those, only pairs whose 128-value estimate
-# reaches 0.45 (two standard errors below 0.54) are scored.
-CANDIDATE_JACCARD = 0.4
-ESTIMATED_JACCARD_FLOOR = 0.45
+SUBSET_SIZE = 3  # k of the novelty filter's k-subset prefix keys
+MAX_SUBSET_KEYS = 220  # C(12, 3): tasks with longer prefixes (over ~21 tokens at ROUGE-L 0.7) are keyed by single tokens
+SUBSET_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9], dtype=np.uint64)  # odd: a 3-subset's key
+SUBSET_FILTER_BITS = 30  # 128 MB: ~3% of unindexed keys pass it with 31M keys indexed (500K tasks)
+PADDED_TOKENS = 32  # token ids kept per task in one matrix for the numpy bound (the rest are counted as shared)
+REBUILD_GROWTH = 4  # the frequency order and the keys are rebuilt each time the pool grows this many times
 
 
 def seed_tasks(domain: str, scopes: list[str], templates: list[str]) -> list[str]:
@@ -66,69 +69,178 @@ def unsuitable(instruction: str) -> Optional[str]:
 
 
 class NoveltyFilter:
-    """ROUGE-L novelty against every kept instruction, checked only on likely candidates.
+    """ROUGE-L novelty against every kept instruction, exact, without comparing a new task with each kept one.
 
-    MinHash LSH and the signatures' estimated Jaccard similarity pick the candidates (vectorised, so the pool's
-    size costs numpy time, not Python time). Each kept instruction's tokens are kept (tokenised once), and a
-    candidate is compared by LCS only when the tokens both share could reach the threshold: the LCS is at most the
-    size of the two token multisets' intersection, so ROUGE-L F1 = 2·LCS / (len a + len b) is at most
-    2·shared / (len a + len b). `lcs_checks` counts the LCS tables computed.
+    ROUGE-L F1 = 2·LCS / (len a + len b), and the LCS is at most the overlap O of the two token multisets, itself
+    at most the shorter length; so F1 > θ needs O ≥ t(len) = ⌊θ/(2-θ)·len⌋ + 1 for both lengths (7 of 12 tokens at
+    θ = 0.7). Candidates come from a prefix filter (Bayardo et al. 2007) with k-subset keys (Wang et al. 2016):
+    a task's elements are its tokens (a repeat is an element of its own) ordered rarest first; two tasks sharing
+    O ≥ t elements have their first k shared elements among both tasks' first len - t + k, so keying each task
+    by every k-subset of those finds every pair that can pass. With k = 3 a key is three of a task's rarer tokens:
+    single tokens ("how", "the") would propose much of the pool for every new task, which grows as its square.
+
+    Tasks whose prefix has more than `MAX_SUBSET_KEYS` 3-subsets, or t < 3, are keyed by their len - t + 1 single
+    elements instead (k = 1), in two indexes: one of every task, which those tasks query, and one of the tasks
+    without subset keys, which the others query. The frequency order is fixed between rebuilds, which come
+    each time the pool has grown `REBUILD_GROWTH`-fold. Candidates are scored by LCS only when the tokens they
+    share with the new task could reach the threshold (one numpy pass over their token ids); `candidates` counts
+    them, `lcs_checks` the LCS tables computed.
     """
 
     def __init__(self, rouge_threshold: float) -> None:
         from rouge_score.tokenizers import DefaultTokenizer
 
         self.threshold = rouge_threshold
+        self._share = rouge_threshold / (2 - rouge_threshold)  # O must exceed this share of either length
         self._tokenizer = DefaultTokenizer(use_stemmer=False)  # what RougeScorer(["rougeL"], use_stemmer=False) uses
-        self._index = NearDuplicateIndex(CANDIDATE_JACCARD, shingle_size=1)
-        self._tokens: dict[str, tuple[str, ...]] = {}  # counted only for the few candidates that pass the estimate
+        self._ids: dict[str, int] = {}
+        self._task_frequency: list[int] = []  # per token id: kept tasks holding it
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)  # per token id: its frequency when the keys were built
+        self._tokens: list[np.ndarray] = []  # per kept task, its token ids (int32)
+        self._lengths = np.empty(1024, dtype=np.int32)
+        self._padded = np.full((1024, PADDED_TOKENS), -1, dtype=np.int32)  # first token ids of each task, for the numpy bound
+        self._rebuild_at = REBUILD_GROWTH
+        self._new_indexes()
+        self.candidates = 0
         self.lcs_checks = 0
 
     def __len__(self) -> int:
         return len(self._tokens)
 
-    @property
-    def lsh_candidates(self) -> int:
-        """Kept instructions LSH proposed, summed over the checks (most are dropped by the estimate, before any LCS)."""
-        return self._index.proposed
-
     def is_novel(self, text: str) -> bool:
-        """No likely candidate among the kept instructions has a ROUGE-L F1 above the threshold with `text`."""
-        return self._is_novel(self._tokenizer.tokenize(text), self._index.signature(text))
+        """No kept task has a ROUGE-L F1 above the threshold with `text`."""
+        return self._is_novel(self._token_ids(text))
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
-        self._remember(self._tokenizer.tokenize(text), self._index.signature(text))
+        self._remember(self._token_ids(text))
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
-        tokens, signature = self._tokenizer.tokenize(text), self._index.signature(text)  # each computed once
-        if not self._is_novel(tokens, signature):
+        tokens = self._token_ids(text)  # computed once
+        if not self._is_novel(tokens):
             return False
-        self._remember(tokens, signature)
+        self._remember(tokens)
         return True
 
-    def _is_novel(self, tokens: list[str], signature) -> bool:
+    def _token_ids(self, text: str) -> np.ndarray:
+        ids = self._ids
+        return np.fromiter((ids.setdefault(token, len(ids)) for token in self._tokenizer.tokenize(text)), dtype=np.int32)
+
+    def _required(self, length: int) -> int:
+        """t(length): the fewest shared tokens with which a task of `length` tokens can pass the threshold."""
+        return math.floor(self._share * length - 1e-9) + 1
+
+    def _elements(self, tokens: np.ndarray) -> np.ndarray:
+        """The task's elements (token id, and which repeat of it) as 64-bit values, rarest first."""
+        repeat = np.zeros(len(tokens), dtype=np.int64)
+        if len(np.unique(tokens)) < len(tokens):
+            seen: Counter[int] = Counter()
+            for i, token in enumerate(tokens.tolist()):
+                repeat[i] = seen[token]
+                seen[token] += 1
+        ids = tokens.astype(np.int64)
+        frequency = np.zeros(len(ids), dtype=np.int64)  # tokens new since the last rebuild count as rarest
+        known = ids < len(self._order)
+        frequency[known] = self._order[ids[known]]
+        order = np.lexsort((repeat, ids, frequency))
+        return ((repeat[order] << 32) | ids[order]).astype(np.uint64)
+
+    def _keys(self, tokens: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """(3-subset keys or None when the task is keyed by single elements, its single-element keys)."""
+        length = len(tokens)
+        elements = self._elements(tokens)
+        required = self._required(length)
+        singles = elements[: length - required + 1]
+        prefix = length - required + SUBSET_SIZE
+        if required < SUBSET_SIZE or math.comb(prefix, SUBSET_SIZE) > MAX_SUBSET_KEYS:
+            return None, singles
+        subsets = _subsets(prefix)
+        keys = (elements[subsets] * SUBSET_MULTIPLIERS).sum(axis=1, dtype=np.uint64)
+        return keys, singles
+
+    def _is_novel(self, tokens: np.ndarray) -> bool:
         from rouge_score.rouge_scorer import _score_lcs
 
-        counts = Counter(tokens)
-        for key in self._index.similar(signature, ESTIMATED_JACCARD_FLOOR):
-            kept = self._tokens[key]
-            if not tokens or not kept:
-                continue  # ROUGE-L of an empty token list is 0
-            kept_counts = Counter(kept)
-            shared = sum(min(count, kept_counts[token]) for token, count in counts.items() if token in kept_counts)
-            if 2 * shared / (len(tokens) + len(kept)) <= self.threshold - 1e-9:
-                continue  # cannot exceed the threshold (the margin covers F1's other rounding)
+        length = len(tokens)
+        if not length:
+            return True  # ROUGE-L of an empty token list is 0
+        subset_keys, singles = self._keys(tokens)
+        if subset_keys is None:
+            rows = self._every_single.query(singles)
+        else:
+            rows = np.union1d(self._subset_index.query(subset_keys), self._other_single.query(singles))
+        self.candidates += len(rows)
+        if not len(rows):
+            return True
+        lengths = self._lengths[rows]
+        present = np.unique(tokens)
+        padded = self._padded[rows]
+        at = np.minimum(np.searchsorted(present, padded), len(present) - 1)
+        shared = np.count_nonzero(present[at] == padded, axis=1) + np.maximum(lengths - PADDED_TOKENS, 0)
+        shared = np.minimum(shared, length)  # bounds the multiset overlap
+        possible = 2 * shared > self.threshold * (lengths + length) - 1e-9
+        as_list = tokens.tolist()
+        for row in rows[possible].tolist():
             self.lcs_checks += 1
-            if _score_lcs(kept, tokens).fmeasure > self.threshold:
+            if _score_lcs(self._tokens[row].tolist(), as_list).fmeasure > self.threshold:
                 return False
         return True
 
-    def _remember(self, tokens: list[str], signature) -> None:
-        key = str(len(self._tokens))
-        self._index.insert(key, signature)
-        self._tokens[key] = tuple(sys.intern(token) for token in tokens)  # one copy per distinct word
+    def _remember(self, tokens: np.ndarray) -> None:
+        row = len(self._tokens)
+        if row == len(self._lengths):
+            self._lengths = np.concatenate([self._lengths, np.empty_like(self._lengths)])
+            self._padded = np.concatenate([self._padded, np.full_like(self._padded, -1)])
+        self._tokens.append(tokens)
+        self._lengths[row] = len(tokens)
+        self._padded[row, : min(len(tokens), PADDED_TOKENS)] = tokens[:PADDED_TOKENS]
+        self._task_frequency.extend([0] * (len(self._ids) - len(self._task_frequency)))  # ids of tokens seen since
+        for token in np.unique(tokens).tolist():
+            self._task_frequency[token] += 1
+        if row + 1 >= self._rebuild_at:
+            self._rebuild()
+        else:
+            self._index(row, tokens)
+
+    def _rebuild(self) -> None:
+        """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level."""
+        self._rebuild_at *= REBUILD_GROWTH
+        self._order = np.asarray(self._task_frequency, dtype=np.int64)
+        self._new_indexes()
+        pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"subset": ([], []), "every": ([], []), "other": ([], [])}
+        for row, tokens in enumerate(self._tokens):
+            if not len(tokens):
+                continue
+            subset_keys, singles = self._keys(tokens)
+            for name, keys in (("every", singles), ("other" if subset_keys is None else "subset", singles if subset_keys is None else subset_keys)):
+                pairs[name][0].append(np.full(len(keys), row, dtype=np.int32))
+                pairs[name][1].append(keys)
+        for name, index in (("subset", self._subset_index), ("every", self._every_single), ("other", self._other_single)):
+            rows, keys = pairs[name]
+            if rows:
+                index.bulk_insert(np.concatenate(rows), np.concatenate(keys))
+
+    def _new_indexes(self) -> None:
+        self._subset_index = KeyIndex(filter_bits=SUBSET_FILTER_BITS)
+        self._every_single = KeyIndex()
+        self._other_single = KeyIndex()
+
+    def _index(self, row: int, tokens: np.ndarray) -> None:
+        if not len(tokens):
+            return  # never passes the threshold against anything
+        subset_keys, singles = self._keys(tokens)
+        self._every_single.insert(row, singles)
+        if subset_keys is None:
+            self._other_single.insert(row, singles)
+        else:
+            self._subset_index.insert(row, subset_keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _subsets(prefix: int) -> np.ndarray:
+    """Every SUBSET_SIZE-subset of range(prefix), in order, as rows of indices."""
+    return np.array(list(itertools.combinations(range(prefix), SUBSET_SIZE)), dtype=np.int64).reshape(-1, SUBSET_SIZE)
 
 
 def _prompt(gen: GenerateConfig, domain: str, examples: list[str]) -> list[dict[str, str]]:
@@ -177,7 +289,7 @@ def run_self_instruct(
     counts["instructions_unanswered"] = len(unanswered)
     counts["stopped_below_target"] = int(kept < target)
     counts["instances"] = kept
-    counts["novelty_lsh_candidates"] = novelty.lsh_candidates
+    counts["novelty_candidates"] = novelty.candidates
     counts["novelty_lcs_checks"] = novelty.lcs_checks
     return counts
 
@@ -217,7 +329,7 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
                 reject_foreign_script=True)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
     new: list[str] = []
-    for result in tqdm(asked, desc="self-instruct novelty", unit="reply", leave=False):  # 23 min for 500K tasks on 2 CPU cores
+    for result in tqdm(asked, desc="self-instruct novelty", unit="reply", leave=False):
         if result.value is None:
             counts["unparsable_instruction_replies"] += 1
             continue
