@@ -17,8 +17,7 @@ import logging
 import math
 import random
 import re
-import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Callable, Optional
 
 import numpy as np
@@ -201,40 +200,35 @@ class NoveltyFilter:
         if row + 1 >= self._rebuild_at:
             self._rebuild()
         else:
-            self._index(row, tokens)
+            for index, keys in self._placements(tokens):
+                index.insert(row, keys)
 
     def _rebuild(self) -> None:
         """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level."""
         self._rebuild_at *= REBUILD_GROWTH
         self._order = np.asarray(self._task_frequency, dtype=np.int64)
         self._new_indexes()
-        pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"subset": ([], []), "every": ([], []), "other": ([], [])}
+        collected: dict[KeyIndex, tuple[list[np.ndarray], list[np.ndarray]]] = defaultdict(lambda: ([], []))
         for row, tokens in enumerate(self._tokens):
-            if not len(tokens):
-                continue
-            subset_keys, singles = self._keys(tokens)
-            for name, keys in (("every", singles), ("other" if subset_keys is None else "subset", singles if subset_keys is None else subset_keys)):
-                pairs[name][0].append(np.full(len(keys), row, dtype=np.int32))
-                pairs[name][1].append(keys)
-        for name, index in (("subset", self._subset_index), ("every", self._every_single), ("other", self._other_single)):
-            rows, keys = pairs[name]
-            if rows:
-                index.bulk_insert(np.concatenate(rows), np.concatenate(keys))
+            for index, keys in self._placements(tokens):
+                collected[index][0].append(np.full(len(keys), row, dtype=np.int32))
+                collected[index][1].append(keys)
+        for index, (rows, keys) in collected.items():
+            index.bulk_insert(np.concatenate(rows), np.concatenate(keys))
 
     def _new_indexes(self) -> None:
         self._subset_index = KeyIndex(filter_bits=SUBSET_FILTER_BITS)
         self._every_single = KeyIndex()
         self._other_single = KeyIndex()
 
-    def _index(self, row: int, tokens: np.ndarray) -> None:
+    def _placements(self, tokens: np.ndarray) -> list[tuple[KeyIndex, np.ndarray]]:
+        """The indexes a kept task goes in, with its keys for each (none for an empty task: it never passes)."""
         if not len(tokens):
-            return  # never passes the threshold against anything
+            return []
         subset_keys, singles = self._keys(tokens)
-        self._every_single.insert(row, singles)
         if subset_keys is None:
-            self._other_single.insert(row, singles)
-        else:
-            self._subset_index.insert(row, subset_keys)
+            return [(self._every_single, singles), (self._other_single, singles)]
+        return [(self._every_single, singles), (self._subset_index, subset_keys)]
 
 
 @functools.lru_cache(maxsize=None)
