@@ -28,9 +28,10 @@ def share_of_alike_pairs(texts: list[str], min_jaccard: float) -> float:
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} (the shared real data) is not beside this checkout")
 def test_self_instruct_tasks_are_no_more_alike_than_real_instructions() -> None:
-    """The Self-Instruct novelty filter's candidates are the kept tasks LSH finds alike (word-set Jaccard near 0.3 and
-    up), so a stand-in whose tasks resemble each other more than real ones makes that filter look slower than it is.
-    Real instructions: the 3,111 Alpaca rows in shared/data (kept by Self-Instruct's own ROUGE-L filter)."""
+    """The Self-Instruct novelty filter's candidates are the kept tasks that share several tokens with a new one, so a
+    stand-in whose tasks resemble each other more than real ones (more pairs at word-set Jaccard 0.3 and up) makes
+    that filter look slower than it is. Real instructions: the 3,111 Alpaca rows in shared/data (kept by
+    Self-Instruct's own ROUGE-L filter)."""
     real = [row["instruction"] for row in json.loads((SHARED_DATA / "alpaca_cherry_5pct.json").read_text())]
     script = StandinScript()
     ask = compose_config(["+experiment=cyber_500k"]).generate.self_instruct.prompt  # what the pipeline sends

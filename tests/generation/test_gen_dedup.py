@@ -133,3 +133,30 @@ def test_band_index_proposes_what_datasketch_lsh_proposes() -> None:
         assert bands.query(bands.keys(signature.hashvalues)).tolist() == expected
         proposed += len(expected)
     assert proposed > 350  # the queries do find candidates (each indexed text finds itself, the others some)
+
+
+@pytest.mark.parametrize("filter_bits", [0, 10])
+def test_key_index_finds_the_rows_a_dict_of_sets_finds(filter_bits: int) -> None:
+    """Rows under any of the queried keys, each once, sorted: from a bulk level, merged levels and the buffer, with
+    and without the bit filter (at 10 bits most unindexed keys pass it, so its misses are exercised too)."""
+    import numpy as np
+
+    from unifit.dedup import KeyIndex
+
+    rng = np.random.default_rng(5)
+    index, reference = KeyIndex(buffer=64, filter_bits=filter_bits), {}
+    bulk_rows = rng.integers(0, 50, size=300)
+    bulk_keys = rng.integers(0, 400, size=300).astype(np.uint64)
+    index.bulk_insert(bulk_rows, bulk_keys)
+    for row, key in zip(bulk_rows.tolist(), bulk_keys.tolist()):
+        reference.setdefault(key, set()).add(row)
+    for row in range(50, 120):
+        keys = rng.choice(400, size=int(rng.integers(0, 9)), replace=False).astype(np.uint64)
+        index.insert(row, keys)
+        for key in keys.tolist():
+            reference.setdefault(key, set()).add(row)
+    assert len(index._levels) >= 3 and index._buffered  # a bulk level, merged levels and a part-full buffer
+    for _ in range(200):
+        keys = rng.choice(500, size=int(rng.integers(0, 12)), replace=False).astype(np.uint64)
+        expected = sorted(set().union(*(reference.get(key, set()) for key in keys.tolist())))
+        assert index.query(keys).tolist() == expected
