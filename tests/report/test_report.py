@@ -94,7 +94,8 @@ def make_run(root: Path, name: str, *, model: str = "smollm2_135m", ratio: float
         stages.update(train_scorer={"seconds": 120.0, "metrics": {}}, score={"seconds": 60.0, "metrics": {}},
                       select={"seconds": 1.0, "metrics": {}},
                       finetune={"seconds": 900.0, "metrics": {"pithy_train_seconds": 90.0, "all_train_seconds": 600.0,
-                                                              "pithy_ne_train_seconds": 300.0, "all_ne_train_seconds": 630.0}})
+                                                              "pithy_ne_train_seconds": 300.0, "all_ne_train_seconds": 630.0,
+                                                              "all_rows_seconds": 60.0, "all_ne_rows_seconds": 0.0}})
         _png(run_dir / "select" / "ifd_hist.png")
         _write(run_dir / "select" / "report.json", {"instances": 40, "kept": 3, "ratio": ratio, "max_ifd": 1.0, "target": 3,
                                                     "reasons": {"kept_by_rank": 3, "kept_by_quota": 0, "dropped_truncated": 1,
@@ -141,9 +142,9 @@ def test_report_of_a_finished_run(tmp_path: Path) -> None:
     assert set(page.images) == {"tree.png", "ifd_hist.png", "win_rates.png", "diversity_radar.png", "funnel.png"}
     assert metrics == {"runs": 1, "images": 5, "notes": len(page.notes)}
     rows = {row[1]: row for row in _table1(page)}
-    # select = (120 + 60) s = 3 min for Pithy settings, 0 for All; all = select + train
+    # select = (120 + 60) s = 3 min for Pithy settings, 0 for All; train = the run + the rows it built; all = select + train
     assert rows["Pithy"][3:] == ["3.00", "1.50", "4.50"]
-    assert rows["All"][3:] == ["0.00", "10.00", "10.00"]
+    assert rows["All"][3:] == ["0.00", "11.00", "11.00"]
     assert rows["Pithy NE"][2:] == ["pithy_ne", "3.00", "5.00", "8.00"]
     assert rows["All NE"][3:] == ["0.00", "10.50", "10.50"]
     win, vicuna = [t for t in page.tables if t[0][:2] == ["model", "win rate (majority of 3 orderings)"]]
