@@ -125,7 +125,7 @@ def test_band_index_proposes_what_datasketch_lsh_proposes() -> None:
         signature = minhash(text, 1)
         reference.insert(row, signature)
         bands.insert(row, bands.keys(signature.hashvalues))
-    assert len(bands._keys._levels) == 2  # 3 buffers flushed: a merged level of 2 and one of 1, plus 200 rows in the buffer
+    assert bands._keys._levels and bands._keys._buffered  # flushed buffers merged into levels, 200 rows in the buffer
     proposed = 0
     for text in texts[-300:] + texts[:50]:
         signature = minhash(text, 1)
@@ -137,7 +137,7 @@ def test_band_index_proposes_what_datasketch_lsh_proposes() -> None:
 
 @pytest.mark.parametrize("filter_bits", [0, 10])
 def test_key_index_finds_the_rows_a_dict_of_sets_finds(filter_bits: int) -> None:
-    """Rows under any of the queried keys, each once, sorted: from a bulk level, merged levels and the buffer, with
+    """Rows under any of the queried keys, each once, sorted: from a bulk level, flushed and merged levels and the buffer, with
     and without the bit filter (at 10 bits most unindexed keys pass it, so its misses are exercised too)."""
     import numpy as np
 
@@ -155,7 +155,7 @@ def test_key_index_finds_the_rows_a_dict_of_sets_finds(filter_bits: int) -> None
         index.insert(row, keys)
         for key in keys.tolist():
             reference.setdefault(key, set()).add(row)
-    assert len(index._levels) >= 3 and index._buffered  # a bulk level, merged levels and a part-full buffer
+    assert sum(len(keys) for keys, _ in index._levels) > len(bulk_keys) and index._buffered  # flushes merged; a part-full buffer
     for _ in range(200):
         keys = rng.choice(500, size=int(rng.integers(0, 12)), replace=False).astype(np.uint64)
         expected = sorted(set().union(*(reference.get(key, set()) for key in keys.tolist())))

@@ -47,6 +47,9 @@ PADDED_TOKENS = 32  # token ids kept per task in one matrix for the numpy bound 
 REBUILD_GROWTH = 4  # the frequency order and the keys are rebuilt each time the pool grows this many times
 
 
+TaskKeys = tuple[Optional[np.ndarray], np.ndarray]  # a task's 3-subset keys (None: keyed by singles) and single-element keys
+
+
 def seed_tasks(domain: str, scopes: list[str], templates: list[str]) -> list[str]:
     """The seed pool: every template instantiated for every scope (deterministic order)."""
     return [t.format(scope=scope, domain=domain) for scope in scopes for t in templates]
@@ -108,18 +111,21 @@ class NoveltyFilter:
 
     def is_novel(self, text: str) -> bool:
         """No kept task has a ROUGE-L F1 above the threshold with `text`."""
-        return self._is_novel(self._token_ids(text))
+        tokens = self._token_ids(text)
+        return self._is_novel(tokens, self._keys(tokens))
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
-        self._remember(self._token_ids(text))
+        tokens = self._token_ids(text)
+        self._remember(tokens, self._keys(tokens))
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
-        tokens = self._token_ids(text)  # computed once
-        if not self._is_novel(tokens):
+        tokens = self._token_ids(text)
+        keys = self._keys(tokens)  # computed once, for the check and the index
+        if not self._is_novel(tokens, keys):
             return False
-        self._remember(tokens)
+        self._remember(tokens, keys)
         return True
 
     def _token_ids(self, text: str) -> np.ndarray:
@@ -145,9 +151,12 @@ class NoveltyFilter:
         order = np.lexsort((repeat, ids, frequency))
         return ((repeat[order] << 32) | ids[order]).astype(np.uint64)
 
-    def _keys(self, tokens: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
-        """(3-subset keys or None when the task is keyed by single elements, its single-element keys)."""
+    def _keys(self, tokens: np.ndarray) -> Optional[TaskKeys]:
+        """(3-subset keys or None when the task is keyed by single elements, its single-element keys); None for a task
+        without tokens, which has ROUGE-L 0 with anything."""
         length = len(tokens)
+        if not length:
+            return None
         elements = self._elements(tokens)
         required = self._required(length)
         singles = elements[: length - required + 1]
@@ -158,13 +167,13 @@ class NoveltyFilter:
         keys = (elements[subsets] * SUBSET_MULTIPLIERS).sum(axis=1, dtype=np.uint64)
         return keys, singles
 
-    def _is_novel(self, tokens: np.ndarray) -> bool:
+    def _is_novel(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> bool:
         from rouge_score.rouge_scorer import _score_lcs
 
+        if keys is None:
+            return True
         length = len(tokens)
-        if not length:
-            return True  # ROUGE-L of an empty token list is 0
-        subset_keys, singles = self._keys(tokens)
+        subset_keys, singles = keys
         if subset_keys is None:
             rows = self._every_single.query(singles)
         else:
@@ -186,7 +195,7 @@ class NoveltyFilter:
                 return False
         return True
 
-    def _remember(self, tokens: np.ndarray) -> None:
+    def _remember(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> None:
         row = len(self._tokens)
         if row == len(self._lengths):
             self._lengths = np.concatenate([self._lengths, np.empty_like(self._lengths)])
@@ -200,8 +209,8 @@ class NoveltyFilter:
         if row + 1 >= self._rebuild_at:
             self._rebuild()
         else:
-            for index, keys in self._placements(tokens):
-                index.insert(row, keys)
+            for index, index_keys in self._placements(keys):
+                index.insert(row, index_keys)
 
     def _rebuild(self) -> None:
         """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level."""
@@ -210,7 +219,7 @@ class NoveltyFilter:
         self._new_indexes()
         collected: dict[KeyIndex, tuple[list[np.ndarray], list[np.ndarray]]] = defaultdict(lambda: ([], []))
         for row, tokens in enumerate(self._tokens):
-            for index, keys in self._placements(tokens):
+            for index, keys in self._placements(self._keys(tokens)):
                 collected[index][0].append(np.full(len(keys), row, dtype=np.int32))
                 collected[index][1].append(keys)
         for index, (rows, keys) in collected.items():
@@ -221,11 +230,11 @@ class NoveltyFilter:
         self._every_single = KeyIndex()
         self._other_single = KeyIndex()
 
-    def _placements(self, tokens: np.ndarray) -> list[tuple[KeyIndex, np.ndarray]]:
+    def _placements(self, keys: Optional[TaskKeys]) -> list[tuple[KeyIndex, np.ndarray]]:
         """The indexes a kept task goes in, with its keys for each (none for an empty task: it never passes)."""
-        if not len(tokens):
+        if keys is None:
             return []
-        subset_keys, singles = self._keys(tokens)
+        subset_keys, singles = keys
         if subset_keys is None:
             return [(self._every_single, singles), (self._other_single, singles)]
         return [(self._every_single, singles), (self._subset_index, subset_keys)]
