@@ -46,15 +46,12 @@ def minhash(text: str, size: int, num_perm: int = NUM_PERM):
 
 
 class KeyIndex:
-    """A multimap from 64-bit keys to rows: which rows hold any of a set of keys.
+    """A multimap from 64-bit keys to rows, in sorted numpy arrays: which rows hold any of a set of keys.
 
-    Most pairs live in sorted numpy levels, ~12 bytes per (key, row) instead of a Python set and dict entry each.
-    New pairs wait in a dict until `buffer` of them are there, then become a level; a level is merged into the next
-    larger one while it holds at least 1/`FANOUT` as many pairs, so there are O(log n / log FANOUT) levels, each one
-    binary search per query.
+    ~12 bytes per (key, row) instead of a Python set and dict entry each. New pairs wait in a small buffer that
+    queries scan; a full buffer becomes a sorted level, and levels merge pairwise like a binary counter, so an
+    insert costs O(log n) amortised and a query a binary search per level.
     """
-
-    FANOUT = 8
 
     def __init__(self, buffer: int = 8192, filter_bits: int = 0) -> None:
         """`filter_bits`: with b > 0, a 2**b-bit filter of the indexed keys (2**(b-3) bytes) lets a query search the
@@ -62,18 +59,21 @@ class KeyIndex:
         self._levels: list[tuple[np.ndarray, np.ndarray]] = []  # (keys sorted, their rows), largest first
         self._filter_shift = np.uint64(64 - filter_bits)
         self._filter = np.zeros(2 ** filter_bits // 8 if filter_bits else 0, dtype=np.uint8)
-        self._buffer: dict[int, list[int]] = {}
+        self._buffer_keys = np.empty(buffer, dtype=np.uint64)
+        self._buffer_rows = np.empty(buffer, dtype=np.int32)
         self._buffered = 0
-        self._buffer_size = buffer
 
     def insert(self, row: int, keys: np.ndarray) -> None:
         """Index `row` under each of `keys`."""
         self._mark(keys)
-        for key in keys.tolist():
-            self._buffer.setdefault(key, []).append(row)
-        self._buffered += len(keys)
-        if self._buffered >= self._buffer_size:
-            self._flush()
+        while len(keys):
+            room = min(len(keys), len(self._buffer_keys) - self._buffered)
+            self._buffer_keys[self._buffered : self._buffered + room] = keys[:room]
+            self._buffer_rows[self._buffered : self._buffered + room] = row
+            self._buffered += room
+            keys = keys[room:]
+            if self._buffered == len(self._buffer_keys):
+                self._flush()
 
     def query(self, keys: np.ndarray) -> np.ndarray:
         """Rows indexed under any of `keys`, sorted, each once."""
@@ -81,9 +81,10 @@ class KeyIndex:
             keys = keys[self._marked(keys)]
         if not len(keys):
             return np.empty(0, dtype=np.int64)
-        buffered = [row for key in keys.tolist() for row in self._buffer.get(key, ())]
-        found = [np.array(buffered, dtype=np.int32)]
         wanted = np.sort(keys)
+        buffered = self._buffer_keys[: self._buffered]
+        at = np.minimum(np.searchsorted(wanted, buffered), len(wanted) - 1)
+        found = [self._buffer_rows[: self._buffered][wanted[at] == buffered]]
         for level_keys, level_rows in self._levels:
             starts = np.minimum(np.searchsorted(level_keys, wanted), len(level_keys) - 1)
             hit = level_keys[starts] == wanted  # most keys miss: the second search runs for the hits only
@@ -112,11 +113,9 @@ class KeyIndex:
         return (self._filter[byte] & bit) != 0
 
     def _flush(self) -> None:
-        keys = np.fromiter((key for key, rows in self._buffer.items() for _ in rows), dtype=np.uint64, count=self._buffered)
-        rows = np.fromiter((row for rows in self._buffer.values() for row in rows), dtype=np.int32, count=self._buffered)
-        self._buffer, self._buffered = {}, 0
-        self._levels.append(_sorted_level(keys, rows))
-        while len(self._levels) > 1 and self.FANOUT * len(self._levels[-1][0]) >= len(self._levels[-2][0]):
+        self._levels.append(_sorted_level(self._buffer_keys, self._buffer_rows))
+        self._buffered = 0
+        while len(self._levels) > 1 and len(self._levels[-2][0]) <= len(self._levels[-1][0]):
             (keys_a, rows_a), (keys_b, rows_b) = self._levels.pop(-2), self._levels.pop()
             self._levels.append(_sorted_level(np.concatenate([keys_a, keys_b]), np.concatenate([rows_a, rows_b])))
 

@@ -160,3 +160,18 @@ def test_key_index_finds_the_rows_a_dict_of_sets_finds(filter_bits: int) -> None
         keys = rng.choice(500, size=int(rng.integers(0, 12)), replace=False).astype(np.uint64)
         expected = sorted(set().union(*(reference.get(key, set()) for key in keys.tolist())))
         assert index.query(keys).tolist() == expected
+
+
+def test_bit_parallel_lcs_is_rouge_scores_lcs() -> None:
+    """The novelty filter's LCS equals rouge_score's dynamic-programming table on 2,000 random pairs (repeated tokens,
+    empty and 70-token sequences among them)."""
+    import random
+
+    from rouge_score.rouge_scorer import _lcs_table
+
+    from unifit.generation.self_instruct import _lcs_length, _match_masks
+
+    rng = random.Random(2)
+    for _ in range(2000):
+        a, b = ([rng.randrange(8) for _ in range(rng.choice([0, 3, 12, 70]))] for _ in range(2))
+        assert _lcs_length(_match_masks(a), len(a), b) == _lcs_table(a, b)[-1][-1]

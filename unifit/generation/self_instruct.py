@@ -168,7 +168,7 @@ class NoveltyFilter:
         return keys, singles
 
     def _is_novel(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> bool:
-        from rouge_score.rouge_scorer import _score_lcs
+        from rouge_score.scoring import fmeasure
 
         if keys is None:
             return True
@@ -188,10 +188,13 @@ class NoveltyFilter:
         shared = np.count_nonzero(present[at] == padded, axis=1) + np.maximum(lengths - PADDED_TOKENS, 0)
         shared = np.minimum(shared, length)  # bounds the multiset overlap
         possible = 2 * shared > self.threshold * (lengths + length) - 1e-9
-        as_list = tokens.tolist()
+        matches = _match_masks(tokens.tolist())
         for row in rows[possible].tolist():
             self.lcs_checks += 1
-            if _score_lcs(self._tokens[row].tolist(), as_list).fmeasure > self.threshold:
+            kept = self._tokens[row]
+            common = _lcs_length(matches, length, kept.tolist())
+            # as rouge_score's _score_lcs(kept, new) computes F1 (same float operations, so the same verdict)
+            if common and fmeasure(common / length, common / len(kept)) > self.threshold:
                 return False
         return True
 
@@ -238,6 +241,28 @@ class NoveltyFilter:
         if subset_keys is None:
             return [(self._every_single, singles), (self._other_single, singles)]
         return [(self._every_single, singles), (self._subset_index, subset_keys)]
+
+
+def _match_masks(tokens: list[int]) -> dict[int, int]:
+    """Per token, the bit set of its positions in `tokens` (for `_lcs_length`)."""
+    masks: dict[int, int] = {}
+    for position, token in enumerate(tokens):
+        masks[token] = masks.get(token, 0) | 1 << position
+    return masks
+
+
+def _lcs_length(masks: dict[int, int], length: int, other: list[int]) -> int:
+    """Length of the longest common subsequence of a sequence of `length` tokens (its `_match_masks`) and `other`.
+
+    Bit-parallel (Allison & Dix 1986, Hyyrö 2004): one big-integer step per token of `other`, where the
+    dynamic-programming table costs `length` Python steps per token.
+    """
+    ones = (1 << length) - 1
+    row = ones
+    for token in other:
+        matched = row & masks.get(token, 0)
+        row = ((row + matched) | (row - matched)) & ones
+    return length - row.bit_count()
 
 
 @functools.lru_cache(maxsize=None)
