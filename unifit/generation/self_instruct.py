@@ -85,8 +85,8 @@ class NoveltyFilter:
     elements instead (k = 1), in two indexes: one of every task, which those tasks query, and one of the tasks
     without subset keys, which the others query. The frequency order is fixed between rebuilds, which come
     each time the pool has grown `REBUILD_GROWTH`-fold. Candidates are scored by LCS only when the tokens they
-    share with the new task could reach the threshold (one numpy pass over their token ids); `candidates` counts
-    them, `lcs_checks` the LCS tables computed.
+    share with the new task could reach the threshold (one numpy pass over their token ids), with a bit-parallel
+    LCS; `candidates` counts them, `lcs_checks` the LCS computed.
     """
 
     def __init__(self, rouge_threshold: float) -> None:
