@@ -2,7 +2,7 @@
 
 `python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
 real Alpaca instructions: tests/test_standin_server.py), adds them one by one as `run_self_instruct` does, and
-prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS tables computed and
+prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS computed and
 the process's RSS; at the end the memory the filter holds per 1,000 kept tasks (RSS growth after the first block).
 """
 
@@ -31,7 +31,7 @@ def main() -> int:
     rng, script = random.Random(0), StandinScript()
     novelty = NoveltyFilter(0.7)
     process = psutil.Process()
-    print("| tasks | block s | candidates per task | LCS tables | RSS GB |\n|---:|---:|---:|---:|---:|")
+    print("| tasks | block s | candidates per task | LCS computed | RSS GB |\n|---:|---:|---:|---:|---:|")
     started = block_start = time.perf_counter()
     block_first, block_candidates, first_block_end = 0, 0, None  # tasks and candidates before the block; (RSS, kept) after the first
     for done in range(1, args.tasks + 1):
