@@ -1,7 +1,7 @@
 """How the Self-Instruct novelty filter's cost grows with the pool: `NoveltyFilter(0.7).add` over stand-in tasks.
 
 `python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
-real Alpaca instructions: tests/test_standin_server.py), adds them one by one as `run_self_instruct` does, and
+real Alpaca instructions: tests/test_standin_server.py), adds them `NOVELTY_BATCH` at a time as `run_self_instruct` does, and
 prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS computed and
 the process's RSS; at the end the memory the filter holds per 1,000 kept tasks (RSS growth after the first block).
 """
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from standin_server import StandinScript  # noqa: E402
 
-from unifit.generation.self_instruct import NoveltyFilter  # noqa: E402
+from unifit.generation.self_instruct import NOVELTY_BATCH, NoveltyFilter  # noqa: E402
 
 
 def main() -> int:
@@ -34,8 +34,11 @@ def main() -> int:
     print("| tasks | block s | candidates per task | LCS computed | RSS GB |\n|---:|---:|---:|---:|---:|")
     started = block_start = time.perf_counter()
     block_first, block_candidates, first_block_end = 0, 0, None  # tasks and candidates before the block; (RSS, kept) after the first
-    for done in range(1, args.tasks + 1):
-        novelty.add(script.task(rng))
+    done = 0
+    while done < args.tasks:
+        size = min(NOVELTY_BATCH, args.tasks - done, args.every - done % args.every)  # a batch never spans two blocks
+        novelty.add_many([script.task(rng) for _ in range(size)])
+        done += size
         if done % args.every == 0 or done == args.tasks:
             now, rss = time.perf_counter(), process.memory_info().rss
             first_block_end = first_block_end or (rss, len(novelty))

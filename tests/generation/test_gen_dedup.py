@@ -70,6 +70,7 @@ def test_self_instruct_novelty_is_rouge_against_every_kept_task(threshold: float
     of earlier ones (words replaced, one inserted). Every verdict is the same, across the filter's rebuilds (at 4,
     16, 64 and 256 kept); from 0.7 up the keys propose under a tenth of the pairs a full comparison scores.
     """
+    import itertools
     import random
 
     from rouge_score import rouge_scorer
@@ -106,6 +107,14 @@ def test_self_instruct_novelty_is_rouge_against_every_kept_task(threshold: float
     assert 350 < len(kept_by_rouge) < 580  # the variants make both verdicts common
     pairs = len(tasks) * len(kept_by_rouge) / 2
     assert novelty.lcs_checks <= novelty.candidates < pairs / (10 if threshold >= 0.7 else 4)  # fewer shared tokens suffice at 0.5
+    # in batches, as run_self_instruct adds them: a task's near-copy is often in its own batch, and batches span rebuilds
+    batched, verdicts, start = NoveltyFilter(threshold), [], 0
+    for size in itertools.cycle([1, 7, 60, 250]):
+        verdicts += batched.add_many(tasks[start : start + size])
+        start += size
+        if start >= len(tasks):
+            break
+    assert [task for task, novel in zip(tasks, verdicts) if novel] == kept_by_rouge
 
 
 def test_band_index_proposes_what_datasketch_lsh_proposes() -> None:
@@ -144,22 +153,29 @@ def test_key_index_finds_the_rows_a_dict_of_sets_finds(filter_bits: int) -> None
     from unifit.dedup import KeyIndex
 
     rng = np.random.default_rng(5)
+    # small keys, keys over the whole 64-bit range and its two ends: the levels bucket keys by their mixed top bits
+    universe = np.unique(np.concatenate([np.arange(300, dtype=np.uint64), rng.integers(0, 2**64 - 1, size=198, dtype=np.uint64, endpoint=True),
+                                         np.array([2**63, 2**64 - 1], dtype=np.uint64)]))
+    indexed = universe[:400]  # the rest are only ever queried
     index, reference = KeyIndex(buffer=64, filter_bits=filter_bits), {}
     bulk_rows = rng.integers(0, 50, size=300)
-    bulk_keys = rng.integers(0, 400, size=300).astype(np.uint64)
+    bulk_keys = rng.choice(indexed, size=300)
     index.bulk_insert(bulk_rows, bulk_keys)
     for row, key in zip(bulk_rows.tolist(), bulk_keys.tolist()):
         reference.setdefault(key, set()).add(row)
     for row in range(50, 120):
-        keys = rng.choice(400, size=int(rng.integers(0, 9)), replace=False).astype(np.uint64)
+        keys = rng.choice(indexed, size=int(rng.integers(0, 9)), replace=False)
         index.insert(row, keys)
         for key in keys.tolist():
             reference.setdefault(key, set()).add(row)
-    assert sum(len(keys) for keys, _ in index._levels) > len(bulk_keys) and index._buffered  # flushes merged; a part-full buffer
+    assert len(index._levels) >= 2 and len(index) - index._buffered > len(bulk_keys) and index._buffered  # flushes merged; a part-full buffer
     for _ in range(200):
-        keys = rng.choice(500, size=int(rng.integers(0, 12)), replace=False).astype(np.uint64)
+        keys = rng.choice(universe, size=int(rng.integers(0, 12)), replace=False)
         expected = sorted(set().union(*(reference.get(key, set()) for key in keys.tolist())))
         assert index.query(keys).tolist() == expected
+    groups = [rng.choice(universe, size=int(rng.integers(0, 12)), replace=False) for _ in range(50)]
+    expected_groups = [sorted(set().union(*(reference.get(key, set()) for key in keys.tolist()))) for keys in groups]
+    assert [rows.tolist() for rows in index.query_many(groups)] == expected_groups  # every group at once, empty ones too
 
 
 def test_bit_parallel_lcs_is_rouge_scores_lcs() -> None:

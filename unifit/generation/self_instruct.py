@@ -18,13 +18,13 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from unifit.config import GenerateConfig
-from unifit.dedup import KeyIndex
+from unifit.dedup import KeyIndex, sorted_unique
 from unifit.generation.instances import reject_reason, with_answer_system_prompt
 from unifit.generation.parsing import clean_item, drop_last, parse_list
 from unifit.concept_tree import node_id
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 STALL_ROUNDS = 3  # rounds in a row without one new instruction before giving up
+NOVELTY_BATCH = 256  # tasks whose candidates in the pool are searched at once (each also checked against those kept before it)
 ANSWER_CHUNK = 8192  # tasks answered per call: enough to fill every engine, and a round holds only one chunk's answers
 SUBSET_SIZE = 3  # k of the novelty filter's k-subset prefix keys
 MAX_SUBSET_KEYS = 220  # C(12, 3): tasks with longer prefixes (over ~21 tokens at ROUGE-L 0.7) are keyed by single tokens
@@ -101,8 +102,11 @@ class NoveltyFilter:
         self._tokens: list[np.ndarray] = []  # per kept task, its token ids (int32)
         self._lengths = np.empty(1024, dtype=np.int32)
         self._padded = np.full((1024, PADDED_TOKENS), -1, dtype=np.int32)  # first token ids of each task, for the numpy bound
+        # per token id, whether the task being checked holds it; longer than the vocabulary, so that the padding's -1
+        # reads its last entry, never set
+        self._present = np.zeros(1024, dtype=bool)
         self._rebuild_at = REBUILD_GROWTH
-        self._new_indexes()
+        self._indexes = _TaskIndexes()
         self.candidates = 0
         self.lcs_checks = 0
 
@@ -112,21 +116,36 @@ class NoveltyFilter:
     def is_novel(self, text: str) -> bool:
         """No kept task has a ROUGE-L F1 above the threshold with `text`."""
         tokens = self._token_ids(text)
-        return self._is_novel(tokens, self._keys(tokens))
+        keys = self._keys(tokens)
+        return self._novel_among(tokens, self._indexes.candidates([keys])[0])
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
         tokens = self._token_ids(text)
         self._remember(tokens, self._keys(tokens))
+        self._rebuild_if_due()
 
     def add(self, text: str) -> bool:
         """Keep `text` if it is novel; True when kept."""
-        tokens = self._token_ids(text)
-        keys = self._keys(tokens)  # computed once, for the check and the index
-        if not self._is_novel(tokens, keys):
-            return False
-        self._remember(tokens, keys)
-        return True
+        return self.add_many([text])[0]
+
+    def add_many(self, texts: Sequence[str]) -> list[bool]:
+        """`add` of each text in turn (the same verdicts), with the pool's indexes searched once for all of them.
+
+        A text's candidates are the kept tasks its keys find in the pool as it was before the call, and every text
+        kept before it in this call (the numpy bound discards most of them as cheaply as a key lookup would)."""
+        tokens = [self._token_ids(text) for text in texts]
+        keys = [self._keys(task) for task in tokens]  # computed once, for the checks and the indexes
+        first_row = len(self._tokens)
+        verdicts: list[bool] = []
+        for task, task_keys, in_pool in zip(tokens, keys, self._indexes.candidates(keys)):
+            rows = np.concatenate([in_pool, np.arange(first_row, len(self._tokens))]) if task_keys is not None else in_pool
+            novel = self._novel_among(task, rows)
+            if novel:
+                self._remember(task, task_keys)
+            verdicts.append(novel)
+        self._rebuild_if_due()  # between calls only: every key of a call is made in one frequency order
+        return verdicts
 
     def _token_ids(self, text: str) -> np.ndarray:
         ids = self._ids
@@ -167,25 +186,20 @@ class NoveltyFilter:
         keys = (elements[subsets] * SUBSET_MULTIPLIERS).sum(axis=1, dtype=np.uint64)
         return keys, singles
 
-    def _is_novel(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> bool:
+    def _novel_among(self, tokens: np.ndarray, rows: np.ndarray) -> bool:
+        """No kept task among `rows` (the candidates the keys found) has a ROUGE-L F1 above the threshold with `tokens`."""
         from rouge_score.scoring import fmeasure
 
-        if keys is None:
-            return True
         length = len(tokens)
-        subset_keys, singles = keys
-        if subset_keys is None:
-            rows = self._every_single.query(singles)
-        else:
-            rows = np.union1d(self._subset_index.query(subset_keys), self._other_single.query(singles))
         self.candidates += len(rows)
         if not len(rows):
             return True
         lengths = self._lengths[rows]
-        present = np.unique(tokens)
-        padded = self._padded[rows]
-        at = np.minimum(np.searchsorted(present, padded), len(present) - 1)
-        shared = np.count_nonzero(present[at] == padded, axis=1) + np.maximum(lengths - PADDED_TOKENS, 0)
+        if len(self._ids) >= len(self._present):
+            self._present = np.zeros(2 * len(self._ids) + 1, dtype=bool)
+        self._present[tokens] = True
+        shared = np.count_nonzero(self._present[self._padded[rows]], axis=1) + np.maximum(lengths - PADDED_TOKENS, 0)
+        self._present[tokens] = False
         shared = np.minimum(shared, length)  # bounds the multiset overlap
         possible = 2 * shared > self.threshold * (lengths + length) - 1e-9
         matches = _match_masks(tokens.tolist())
@@ -198,7 +212,8 @@ class NoveltyFilter:
                 return False
         return True
 
-    def _remember(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> None:
+    def _remember(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> int:
+        """Keep a task: its tokens, bound data and token counts, and its keys in the indexes; returns its row."""
         row = len(self._tokens)
         if row == len(self._lengths):
             self._lengths = np.concatenate([self._lengths, np.empty_like(self._lengths)])
@@ -209,38 +224,65 @@ class NoveltyFilter:
         self._task_frequency.extend([0] * (len(self._ids) - len(self._task_frequency)))  # ids of tokens seen since
         for token in np.unique(tokens).tolist():
             self._task_frequency[token] += 1
-        if row + 1 >= self._rebuild_at:
-            self._rebuild()
-        else:
-            for index, index_keys in self._placements(keys):
-                index.insert(row, index_keys)
+        self._indexes.insert(row, keys)
+        return row
 
-    def _rebuild(self) -> None:
-        """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level."""
-        self._rebuild_at *= REBUILD_GROWTH
+    def _rebuild_if_due(self) -> None:
+        """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level,
+        once the pool has grown `REBUILD_GROWTH`-fold since the last time."""
+        if len(self._tokens) < self._rebuild_at:
+            return
+        while self._rebuild_at <= len(self._tokens):
+            self._rebuild_at *= REBUILD_GROWTH
         self._order = np.asarray(self._task_frequency, dtype=np.int64)
-        self._new_indexes()
+        self._indexes = _TaskIndexes()
         collected: dict[KeyIndex, tuple[list[np.ndarray], list[np.ndarray]]] = defaultdict(lambda: ([], []))
         for row, tokens in enumerate(self._tokens):
-            for index, keys in self._placements(self._keys(tokens)):
+            for index, keys in self._indexes.placements(self._keys(tokens)):
                 collected[index][0].append(np.full(len(keys), row, dtype=np.int32))
                 collected[index][1].append(keys)
         for index, (rows, keys) in collected.items():
             index.bulk_insert(np.concatenate(rows), np.concatenate(keys))
 
-    def _new_indexes(self) -> None:
-        self._subset_index = KeyIndex(filter_bits=SUBSET_FILTER_BITS)
-        self._every_single = KeyIndex()
-        self._other_single = KeyIndex()
 
-    def _placements(self, keys: Optional[TaskKeys]) -> list[tuple[KeyIndex, np.ndarray]]:
-        """The indexes a kept task goes in, with its keys for each (none for an empty task: it never passes)."""
+class _TaskIndexes:
+    """Where kept tasks are found by their keys: their 3-subset keys, and single-element keys in two more maps, one
+    of every task (which tasks keyed by singles query) and one of the tasks keyed by singles (which the others query)."""
+
+    def __init__(self) -> None:
+        # most of a new task's 3-subsets are in no kept task: the bit filter spares them the search
+        self.subsets = KeyIndex(filter_bits=SUBSET_FILTER_BITS)
+        self.every_single, self.other_single = KeyIndex(), KeyIndex()
+
+    def placements(self, keys: Optional[TaskKeys]) -> list[tuple[KeyIndex, np.ndarray]]:
+        """The maps a kept task goes in, with its keys for each (none for an empty task: it never passes)."""
         if keys is None:
             return []
         subset_keys, singles = keys
         if subset_keys is None:
-            return [(self._every_single, singles), (self._other_single, singles)]
-        return [(self._every_single, singles), (self._subset_index, subset_keys)]
+            return [(self.every_single, singles), (self.other_single, singles)]
+        return [(self.every_single, singles), (self.subsets, subset_keys)]
+
+    def insert(self, row: int, keys: Optional[TaskKeys]) -> None:
+        for index, index_keys in self.placements(keys):
+            index.insert(row, index_keys)
+
+    def candidates(self, tasks: Sequence[Optional[TaskKeys]]) -> list[np.ndarray]:
+        """Per task, the kept rows its keys find (sorted, each once): each map searched once for all the tasks."""
+        nothing = np.empty(0, dtype=np.uint64)
+        subset_keyed = [keys is not None and keys[0] is not None for keys in tasks]
+        by_subsets = self.subsets.query_many([keys[0] if by else nothing for keys, by in zip(tasks, subset_keyed)])
+        by_other = self.other_single.query_many([keys[1] if by else nothing for keys, by in zip(tasks, subset_keyed)])
+        by_every = self.every_single.query_many([keys[1] if keys is not None and not by else nothing for keys, by in zip(tasks, subset_keyed)])
+        return [_union(*rows) for rows in zip(by_subsets, by_other, by_every)]
+
+
+def _union(*rows: np.ndarray) -> np.ndarray:
+    """Sorted rows, each once, of sorted arrays of unique rows (most of them empty)."""
+    found = [r for r in rows if len(r)]
+    if len(found) <= 1:
+        return found[0] if found else np.empty(0, dtype=np.int64)
+    return sorted_unique(np.concatenate(found))
 
 
 def _match_masks(tokens: list[int]) -> dict[int, int]:
@@ -356,21 +398,26 @@ def _new_instructions(gen: GenerateConfig, domain: str, seeds: list[str], machin
     asked = ask(model, prompts, params, lambda text: parse_list(text, clean_item), max_retries=gen.max_retries, cut=drop_last,
                 reject_foreign_script=True)
     counts["instruction_calls"] += sum(a.attempts for a in asked)
-    new: list[str] = []
-    for result in tqdm(asked, desc="self-instruct novelty", unit="reply", leave=False):
+    suitable: list[str] = []
+    for result in asked:
         if result.value is None:
             counts["unparsable_instruction_replies"] += 1
             continue
-        items = list(result.value)  # without the item the cut fell in
         if result.completion.finish_reason == "length":
             counts["truncated_instruction_lists"] += 1
-        for instruction in items:
+        for instruction in result.value:  # without the item the cut fell in
             reason = unsuitable(instruction)
             if reason:
                 counts[f"instruction_{reason}"] += 1
-            elif not novelty.add(instruction):
-                counts["instruction_not_novel"] += 1
             else:
-                new.append(instruction)
+                suitable.append(instruction)
+    new: list[str] = []
+    with tqdm(total=len(suitable), desc="self-instruct novelty", unit="task", leave=False) as progress:
+        for start in range(0, len(suitable), NOVELTY_BATCH):
+            batch = suitable[start : start + NOVELTY_BATCH]
+            verdicts = novelty.add_many(batch)
+            new.extend(task for task, novel in zip(batch, verdicts) if novel)
+            progress.update(len(batch))
+    counts["instruction_not_novel"] += len(suitable) - len(new)
     counts["instructions_kept"] += len(new)
     return new
