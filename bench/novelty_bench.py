@@ -1,4 +1,4 @@
-"""How the Self-Instruct novelty filter's cost grows with the pool: `NoveltyFilter(0.7).add` over stand-in tasks.
+"""How the Self-Instruct novelty filter's cost grows with the pool: `NoveltyFilter(0.7).add_many` over stand-in tasks.
 
 `python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
 real Alpaca instructions: tests/test_standin_server.py), adds them `NOVELTY_BATCH` at a time as `run_self_instruct` does, and

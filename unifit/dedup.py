@@ -59,7 +59,7 @@ class Level(NamedTuple):
 class KeyIndex:
     """A multimap from 64-bit keys to rows, in sorted numpy arrays: which rows hold any of a set of keys.
 
-    ~16 bytes per (key, row) instead of a Python set and dict entry each. New pairs wait in a small buffer that
+    16 to 20 bytes per (key, row) (key, row and bucket start) instead of a Python set and dict entry each. New pairs wait in a small buffer that
     queries scan; a full buffer becomes a sorted level, and levels merge pairwise like a binary counter, so an
     insert costs O(log n) amortised and a query one bucket lookup per level.
     """
@@ -108,9 +108,11 @@ class KeyIndex:
             ordered = keys[order]
             buffered = self._buffer_keys[: self._buffered]
             first = np.searchsorted(ordered, buffered)
-            counts = np.searchsorted(ordered, buffered, side="right") - first
+            hit = ordered[np.minimum(first, len(ordered) - 1)] == buffered  # most miss: the second search is for the hits
+            first = first[hit]
+            counts = np.searchsorted(ordered, buffered[hit], side="right") - first
             found_owners.append(owners[order[_ranges(first, counts)]])
-            found_rows.append(np.repeat(self._buffer_rows[: self._buffered], counts))
+            found_rows.append(np.repeat(self._buffer_rows[: self._buffered][hit], counts))
         mixed = keys * KEY_MIX
         for level in self._levels:
             bucket = (mixed >> level.shift).astype(np.int64)
@@ -183,11 +185,11 @@ class BandIndex:
     """MinHash LSH bands in a `KeyIndex`: which indexed rows share at least one band with a signature.
 
     The same candidates as datasketch's MinHashLSH for the same bands and rows (a band is keyed by a 64-bit hash
-    of its values, different per band), in ~12 bytes per row and band (32 bands over Self-Instruct tasks: 11.3 MB
-    per 1,000 tasks on datasketch's, 2.4 MB on this).
+    of its values, different per band), in 16 to 20 bytes per row and band: 32 bands take ~0.6 MB per 1,000 rows,
+    where datasketch's dicts of sets took 11.3 MB per 1,000 Self-Instruct tasks.
     """
 
-    BUFFER = 4096  # rows in the buffer
+    BUFFER = 256  # rows in the buffer, which every query scans (a level costs a query one bucket lookup)
 
     def __init__(self, bands: int, rows_per_band: int, seed: int = 1) -> None:
         self.bands, self.rows_per_band = bands, rows_per_band
@@ -215,7 +217,7 @@ class NearDuplicateIndex:
     if the estimated Jaccard similarity (the share of equal MinHash values) reaches the threshold, which removes
     most LSH false positives without a Python loop over them: the accepted texts' signatures are rows of one
     matrix, compared with the query's in a single numpy operation. Memory per text: its signature (4 bytes per
-    permutation) and its band keys (12 bytes per band).
+    permutation) and its band keys (16 to 20 bytes per band).
     """
 
     def __init__(self, threshold: float, shingle_size: int, num_perm: int = NUM_PERM) -> None:

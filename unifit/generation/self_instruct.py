@@ -85,9 +85,11 @@ class NoveltyFilter:
     Tasks whose prefix has more than `MAX_SUBSET_KEYS` 3-subsets, or t < 3, are keyed by their len - t + 1 single
     elements instead (k = 1), in two indexes: one of every task, which those tasks query, and one of the tasks
     without subset keys, which the others query. The frequency order is fixed between rebuilds, which come
-    each time the pool has grown `REBUILD_GROWTH`-fold. Candidates are scored by LCS only when the tokens they
-    share with the new task could reach the threshold (one numpy pass over their token ids), with a bit-parallel
-    LCS; `candidates` counts them, `lcs_checks` the LCS computed.
+    each time the pool has grown `REBUILD_GROWTH`-fold. `add_many` searches the indexes once for a batch of tasks
+    (a numpy call per task per index level would cost more than the search); each task of the batch is also a
+    candidate of the later ones. Candidates are scored by LCS only when the tokens they share with the new task
+    could reach the threshold (one numpy pass over their token ids), with a bit-parallel LCS; `candidates` counts
+    those the keys found, `lcs_checks` the LCS computed.
     """
 
     def __init__(self, rouge_threshold: float) -> None:
@@ -117,7 +119,9 @@ class NoveltyFilter:
         """No kept task has a ROUGE-L F1 above the threshold with `text`."""
         tokens = self._token_ids(text)
         keys = self._keys(tokens)
-        return self._novel_among(tokens, self._indexes.candidates([keys])[0])
+        rows = self._indexes.candidates([keys])[0]
+        self.candidates += len(rows)
+        return self._novel_among(tokens, rows)
 
     def remember(self, text: str) -> None:
         """Add `text` to the pool unconditionally (seed tasks, which may resemble each other)."""
@@ -125,12 +129,8 @@ class NoveltyFilter:
         self._remember(tokens, self._keys(tokens))
         self._rebuild_if_due()
 
-    def add(self, text: str) -> bool:
-        """Keep `text` if it is novel; True when kept."""
-        return self.add_many([text])[0]
-
     def add_many(self, texts: Sequence[str]) -> list[bool]:
-        """`add` of each text in turn (the same verdicts), with the pool's indexes searched once for all of them.
+        """Keep each text in turn if it is novel (True where kept), with the pool's indexes searched once for all.
 
         A text's candidates are the kept tasks its keys find in the pool as it was before the call, and every text
         kept before it in this call (the numpy bound discards most of them as cheaply as a key lookup would)."""
@@ -139,6 +139,7 @@ class NoveltyFilter:
         first_row = len(self._tokens)
         verdicts: list[bool] = []
         for task, task_keys, in_pool in zip(tokens, keys, self._indexes.candidates(keys)):
+            self.candidates += len(in_pool)
             rows = np.concatenate([in_pool, np.arange(first_row, len(self._tokens))]) if task_keys is not None else in_pool
             novel = self._novel_among(task, rows)
             if novel:
@@ -187,11 +188,10 @@ class NoveltyFilter:
         return keys, singles
 
     def _novel_among(self, tokens: np.ndarray, rows: np.ndarray) -> bool:
-        """No kept task among `rows` (the candidates the keys found) has a ROUGE-L F1 above the threshold with `tokens`."""
+        """No kept task among `rows` (the candidates) has a ROUGE-L F1 above the threshold with `tokens`."""
         from rouge_score.scoring import fmeasure
 
         length = len(tokens)
-        self.candidates += len(rows)
         if not len(rows):
             return True
         lengths = self._lengths[rows]
