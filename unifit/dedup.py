@@ -59,9 +59,9 @@ class Level(NamedTuple):
 class KeyIndex:
     """A multimap from 64-bit keys to rows, in sorted numpy arrays: which rows hold any of a set of keys.
 
-    16 to 20 bytes per (key, row) (key, row and bucket start) instead of a Python set and dict entry each. New pairs wait in a small buffer that
-    queries scan; a full buffer becomes a sorted level, and levels merge pairwise like a binary counter, so an
-    insert costs O(log n) amortised and a query one bucket lookup per level.
+    16 to 20 bytes per (key, row) (key, row and bucket start) instead of a Python set and dict entry each. New
+    pairs wait in a small buffer that queries scan; a full buffer becomes a sorted level, and levels merge pairwise
+    like a binary counter, so an insert costs O(log n) amortised and a query one bucket lookup per level.
     """
 
     def __init__(self, buffer: int = 8192, filter_bits: int = 0) -> None:

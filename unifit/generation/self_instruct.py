@@ -212,8 +212,8 @@ class NoveltyFilter:
                 return False
         return True
 
-    def _remember(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> int:
-        """Keep a task: its tokens, bound data and token counts, and its keys in the indexes; returns its row."""
+    def _remember(self, tokens: np.ndarray, keys: Optional[TaskKeys]) -> None:
+        """Keep a task: its tokens, the bound's data, its tokens' counts and its keys in the indexes."""
         row = len(self._tokens)
         if row == len(self._lengths):
             self._lengths = np.concatenate([self._lengths, np.empty_like(self._lengths)])
@@ -225,7 +225,6 @@ class NoveltyFilter:
         for token in np.unique(tokens).tolist():
             self._task_frequency[token] += 1
         self._indexes.insert(row, keys)
-        return row
 
     def _rebuild_if_due(self) -> None:
         """Fix the frequency order of the pool as it is now and key every kept task by it, each index one level,
