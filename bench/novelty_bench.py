@@ -1,8 +1,8 @@
 """How the Self-Instruct novelty filter's cost grows with the pool: `NoveltyFilter(0.7).add_many` over stand-in tasks.
 
 `python bench/novelty_bench.py --tasks 500000` draws tasks the way the stand-in server writes them (as alike as
-real Alpaca instructions: tests/test_standin_server.py), adds them `NOVELTY_BATCH` at a time as `run_self_instruct` does, and
-prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS computed and
+real Alpaca instructions: tests/test_standin_server.py), adds them `NOVELTY_BATCH` at a time as `run_self_instruct`
+does, and prints per block of `--every` tasks the seconds it took, the candidates per task, the LCS computed and
 the process's RSS; at the end the memory the filter holds per 1,000 kept tasks (RSS growth after the first block).
 """
 
